@@ -1,0 +1,79 @@
+"""Broker <-> worker frames: one msgpack map per ZeroMQ message, defined once here.
+
+Worker -> broker
+  hello  {pid, kind}                          register (kind: lobby | spare)
+  hb     {state, seq, meta?}                  heartbeat; also sent at once on a state change
+  res    {rid, json, bind?}                   response to a call; `json` is the client's JSON-RPC text,
+                                              `bind` = {sid, key} when the worker took a session
+  ev     {seq, type, json}                    session event; `json` is the client's event text
+  bye    {reason}                             the worker is about to exit on its own
+Broker -> worker
+  call   {rid, id, method, params}            a client call (id: the client's JSON-RPC id)
+  stop   {reason}                             finalize (flush history) and exit
+
+Every frame carries `v` (the version) and `k` (the kind). The broker forwards the
+`json` bytes to clients without decoding them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+MAX_FRAME = 8 * 1024 * 1024  # bytes; the ROUTER drops peers that send more (ZMQ_MAXMSGSIZE)
+
+HELLO, HB, RES, EV, BYE, CALL, STOP = "hello", "hb", "res", "ev", "bye", "call", "stop"
+
+# Required fields and their types, per kind.
+_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    HELLO: {"pid": int, "kind": str},
+    HB: {"state": str, "seq": int},
+    RES: {"rid": int, "json": (bytes, str)},
+    EV: {"seq": int, "type": str, "json": (bytes, str)},
+    BYE: {"reason": str},
+    CALL: {"rid": int, "method": str, "params": dict},
+    STOP: {"reason": str},
+}
+
+_packer = msgpack.Packer(use_bin_type=True)
+
+
+class FrameError(ValueError):
+    """A frame that cannot be trusted: logged and dropped by the receiver."""
+
+
+def pack(kind: str, /, **fields: Any) -> bytes:
+    fields["v"] = VERSION
+    fields["k"] = kind
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def unpack(data: bytes) -> dict:
+    """Decode and check one frame; raises FrameError for anything malformed."""
+    if len(data) > MAX_FRAME:
+        raise FrameError(f"frame of {len(data)} bytes exceeds {MAX_FRAME}")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_array_len=100_000,
+            max_map_len=100_000,
+        )
+    except Exception as exc:  # msgpack raises many types for garbage
+        raise FrameError(f"undecodable frame: {type(exc).__name__}: {str(exc)[:120]}") from None
+    if not isinstance(obj, dict):
+        raise FrameError("frame is not a map")
+    if obj.get("v") != VERSION:
+        raise FrameError(f"unsupported frame version {obj.get('v')!r}")
+    kind = obj.get("k")
+    schema = _SCHEMA.get(kind) if isinstance(kind, str) else None
+    if schema is None:
+        raise FrameError(f"unknown frame kind {kind!r}")
+    for name, typ in schema.items():
+        value = obj.get(name)
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise FrameError(f"{kind} frame: field {name!r} missing or of the wrong type")
+    return obj

@@ -1,0 +1,94 @@
+"""The journal of live workers: survives the broker, so a new broker can kill what an old one left.
+
+A JSON file under the data dir, rewritten atomically on every spawn and exit
+(it holds at most max_workers rows). A row is trusted only when the pid's
+process create time still matches: a reused pid is never killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import asdict, dataclass
+
+import psutil
+
+
+@dataclass(slots=True)
+class JournalEntry:
+    pid: int
+    create_time: float
+    pgid: int
+    kind: str
+    session: str = ""
+
+
+class Journal:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.entries: dict[int, JournalEntry] = {}
+
+    def load(self) -> list[JournalEntry]:
+        try:
+            with open(self.path) as fh:
+                rows = json.load(fh)
+            return [JournalEntry(**row) for row in rows if isinstance(row, dict)]
+        except (OSError, ValueError, TypeError):
+            return []
+
+    def _save(self) -> None:
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump([asdict(e) for e in self.entries.values()], fh)
+        os.replace(tmp, self.path)
+
+    def add(self, entry: JournalEntry) -> None:
+        self.entries[entry.pid] = entry
+        self._save()
+
+    def update(self, pid: int, **changes) -> None:
+        entry = self.entries.get(pid)
+        if entry is not None:
+            for key, value in changes.items():
+                setattr(entry, key, value)
+            self._save()
+
+    def remove(self, pid: int) -> None:
+        if self.entries.pop(pid, None) is not None:
+            self._save()
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self._save()
+
+
+def still_running(entry: JournalEntry) -> psutil.Process | None:
+    try:
+        proc = psutil.Process(entry.pid)
+        if abs(proc.create_time() - entry.create_time) > 0.01:
+            return None  # the pid was reused by an unrelated process
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def kill_leftovers(entries: list[JournalEntry]) -> list[JournalEntry]:
+    """SIGKILL the group of every recorded worker that is still the same process; return those killed."""
+    killed = []
+    for entry in entries:
+        proc = still_running(entry)
+        if proc is None:
+            continue
+        try:
+            os.killpg(entry.pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            try:
+                proc.kill()
+            except psutil.Error:
+                continue
+        killed.append(entry)
+    return killed

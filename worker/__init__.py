@@ -1,0 +1,1 @@
+"""One process per session: the session runtime, its agent, slash worker and poller."""

@@ -1,0 +1,57 @@
+"""Shapes the client's JSON in the worker and hands frames to the link; numbers events (`seq`)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from protocol import frames, jsonrpc
+from protocol.jsonrpc import RpcError
+from worker.link import Link
+
+
+class Channel:
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.sid = ""
+        self.seq = 0
+        self._lock = threading.Lock()
+
+    def emit(self, type_: str, payload: dict | None = None) -> None:
+        """Thread-safe: one session event, numbered in the order it was emitted."""
+        with self._lock:
+            self.seq += 1
+            text = jsonrpc.event(type_, self.sid, payload, self.seq)
+            self.link.post(frames.pack(frames.EV, seq=self.seq, type=type_, json=text.encode()))
+
+    def respond(self, rid: int, text: str, bind: dict | None = None) -> None:
+        fields: dict[str, Any] = {"rid": rid, "json": text.encode()}
+        if bind is not None:
+            fields["bind"] = bind
+        self.link.post(frames.pack(frames.RES, **fields))
+
+
+@dataclass(slots=True)
+class Call:
+    """One client call forwarded by the broker; answer it exactly once, from any thread."""
+
+    channel: Channel
+    rid: int
+    id: Any
+    method: str
+    params: dict
+    answered: bool = False
+
+    def reply(self, result: Any, bind: dict | None = None) -> None:
+        if not self.answered:
+            self.answered = True
+            self.channel.respond(self.rid, jsonrpc.result(self.id, result), bind)
+
+    def fail(self, code: int, message: str) -> None:
+        if not self.answered:
+            self.answered = True
+            self.channel.respond(self.rid, jsonrpc.error(self.id, code, message))
+
+    def fail_with(self, exc: RpcError) -> None:
+        self.fail(exc.code, exc.message)

@@ -1,0 +1,96 @@
+"""The worker's end of the broker link: one DEALER socket owned by the main thread.
+
+Other threads (turns, slash worker, poller) never touch the socket: they put
+frames into an outbox and poke a pipe, and the main loop sends them. Any frame
+counts as a heartbeat; an explicit one goes out when nothing else did for an interval.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from typing import Callable
+
+import zmq
+
+from protocol import frames
+
+
+class Link:
+    def __init__(self, endpoint: str, ident: bytes, heartbeat_interval: float) -> None:
+        self.ctx = zmq.Context(io_threads=1)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, ident)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, frames.MAX_FRAME)
+        self.sock.connect(endpoint)
+        self.interval = heartbeat_interval
+        self._outbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poked = threading.Event()
+        self._last_send = 0.0
+        self.running = True
+
+    def post(self, data: bytes) -> None:
+        """Thread-safe: queue one frame for the main loop to send."""
+        self._outbox.put(data)
+        if not self._poked.is_set():
+            self._poked.set()
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass
+
+    def _flush(self) -> None:
+        self._poked.clear()
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                data = self._outbox.get_nowait()
+            except queue.Empty:
+                break
+            self.sock.send(data, copy=False)
+            self._last_send = time.monotonic()
+
+    def serve(self, on_frame: Callable[[dict], None], heartbeat: Callable[[], bytes],
+              tick: Callable[[], None]) -> None:
+        """Main loop: receive calls, send what the other threads queued, beat."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while self.running:
+            wait = max(0.0, self._last_send + self.interval - time.monotonic())
+            ready = dict(poller.poll(min(wait, 0.1) * 1000))
+            if self.sock in ready:
+                while True:
+                    try:
+                        data = self.sock.recv(zmq.NOBLOCK, copy=True)
+                    except zmq.Again:
+                        break
+                    try:
+                        frame = frames.unpack(data)
+                    except frames.FrameError as exc:
+                        print(f"worker: dropped bad frame from broker: {exc}", flush=True)
+                        continue
+                    on_frame(frame)
+            self._flush()
+            tick()
+            if time.monotonic() - self._last_send >= self.interval:
+                self.sock.send(heartbeat())
+                self._last_send = time.monotonic()
+        self._flush()
+
+    def close(self) -> None:
+        self.running = False
+        self.sock.close(linger=2000)
+        self.ctx.term()

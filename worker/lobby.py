@@ -1,0 +1,120 @@
+"""The lobby runtime: session-less (global) methods, so the broker never imports agent code."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+from protocol.jsonrpc import BAD_VALUE, INTERNAL_ERROR, METHOD_NOT_FOUND, STORE_UNAVAILABLE, RpcError
+from worker import commands
+from worker.channel import Call
+from worker.store import Store, StoreError
+
+_CONFIG_MTIME = time.time()
+
+
+class LobbyRuntime:
+    state = "idle"
+    meta_dirty = False
+
+    def __init__(self, config: dict, store: Store | None, store_error: str | None) -> None:
+        self.config = config
+        self.store = store
+        self.store_error = store_error
+        self.handlers: dict[str, Callable[[Call], None]] = {
+            "commands.catalog": lambda c: c.reply(commands.catalog()),
+            "setup.status": self.setup_status,
+            "session.list": self.session_list,
+            "session.most_recent": self.most_recent,
+            "config.get": self.config_get,
+            "config.set": self.config_set,
+            "model.options": self.model_options,
+            "complete.slash": lambda c: c.reply({"items": commands.complete(str(c.params.get("text", "")))}),
+            "complete.path": self.complete_path,
+            "command.resolve": self.command_resolve,
+        }
+
+    def handle(self, call: Call) -> None:
+        handler = self.handlers.get(call.method)
+        if handler is None:
+            call.fail(METHOD_NOT_FOUND, f"unknown method: {call.method}")
+            return
+        try:
+            handler(call)
+        except RpcError as exc:
+            call.fail_with(exc)
+        except StoreError as exc:
+            call.fail(STORE_UNAVAILABLE, f"session store unavailable: {exc}")
+        except Exception as exc:
+            call.fail(INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}")
+
+    def meta(self) -> dict:
+        return {"store_error": self.store_error or ""}
+
+    def finalize(self, reason: str) -> None:
+        pass
+
+    def _store(self) -> Store:
+        if self.store is None:
+            raise RpcError(STORE_UNAVAILABLE, f"session store unavailable: {self.store_error}")
+        return self.store
+
+    def setup_status(self, call: Call) -> None:
+        agent = self.config.get("agent", "echo")
+        configured = agent == "echo" or bool(self.config.get("openai_base_url"))
+        store = {"ok": self.store is not None, "path": self.config.get("store_path", ""),
+                 "error": self.store_error or ""}
+        call.reply({"provider_configured": configured, "agent": agent, "store": store})
+
+    def session_list(self, call: Call) -> None:
+        limit = call.params.get("limit", 20)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1000:
+            raise RpcError(BAD_VALUE, "limit must be an integer from 1 to 1000")
+        call.reply({"sessions": [s.row() for s in self._store().list(limit)]})
+
+    def most_recent(self, call: Call) -> None:
+        rows = self._store().list(1)
+        call.reply({"session": rows[0].row() if rows else None,
+                    "session_id": rows[0].key if rows else None})
+
+    def config_get(self, call: Call) -> None:
+        key = call.params.get("key", "full")
+        full = {"model": {"default": self.config.get("openai_model") or "echo",
+                          "provider": self.config.get("agent", "echo")},
+                "display": {}, "agent": {"name": self.config.get("agent", "echo")}}
+        if key == "full":
+            call.reply({"config": full})
+        elif key == "mtime":
+            call.reply({"mtime": _CONFIG_MTIME})
+        elif key == "model":
+            call.reply({"value": full["model"]["default"]})
+        else:
+            call.reply({"value": None})
+
+    def config_set(self, call: Call) -> None:
+        raise RpcError(BAD_VALUE, "global configuration is read-only through the gateway; edit the config file")
+
+    def model_options(self, call: Call) -> None:
+        model = self.config.get("openai_model") or "echo"
+        call.reply({"models": [model], "current": model, "providers": [self.config.get("agent", "echo")]})
+
+    def complete_path(self, call: Call) -> None:
+        word = str(call.params.get("word") or call.params.get("text") or "")
+        base = os.path.expanduser(word)
+        folder, prefix = os.path.split(base)
+        try:
+            names = sorted(os.listdir(folder or "."))[:500]
+        except OSError:
+            names = []
+        items = []
+        for name in names:
+            if name.startswith(prefix) and (prefix.startswith(".") or not name.startswith(".")):
+                full = os.path.join(folder, name)
+                items.append({"text": full + ("/" if os.path.isdir(full) else ""), "display": name})
+        call.reply({"items": items[:100]})
+
+    def command_resolve(self, call: Call) -> None:
+        name, _ = commands.parse(str(call.params.get("name") or call.params.get("command") or ""))
+        known = {cmd.lstrip("/") for cmd, _, _ in commands.COMMANDS}
+        call.reply({"canonical": f"/{name}" if name in known else None, "known": name in known})

@@ -1,0 +1,118 @@
+"""A worker process: after the fork, connect to the broker, say hello, serve one runtime until stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from protocol import frames
+from worker import guard
+from worker.channel import Call, Channel
+from worker.link import Link
+from worker.store import Store, StoreError
+
+
+def _open_store(config: dict) -> tuple[Store | None, str | None]:
+    path = config.get("store_path") or ""
+    if not path:
+        return None, "persistence disabled"
+    try:
+        store = Store(path)
+        store.check()
+        return store, None
+    except StoreError as exc:
+        print(f"worker: session store unusable: {exc}", file=sys.stderr, flush=True)
+        return None, str(exc)
+
+
+def _title(kind: str, runtime) -> str:
+    if kind == "lobby":
+        return "hermes-worker: lobby"
+    sid = getattr(runtime, "sid", None)
+    if not sid:
+        return "hermes-worker: spare"
+    return f"hermes-worker: session={sid} key={getattr(runtime, 'key', '')}"
+
+
+def _set_title(text: str) -> None:
+    try:
+        from setproctitle import setproctitle
+
+        setproctitle(text)
+    except ImportError:
+        pass
+
+
+def run(ident: bytes, config: dict, parent_pid: int) -> int:
+    guard.watch_parent(parent_pid)
+    kind = config.get("kind", "spare")
+    _set_title(f"hermes-worker: {kind}")
+    link = Link(config["endpoint"], ident, float(config.get("heartbeat_interval", 1.0)))
+    channel = Channel(link)
+    store, store_error = _open_store(config)
+    if kind == "lobby":
+        from worker.lobby import LobbyRuntime
+
+        runtime = LobbyRuntime(config, store, store_error)
+    elif config.get("runtime", "builtin") == "hermes":
+        from worker.hermes_runtime import HermesRuntime
+
+        runtime = HermesRuntime(channel, config)
+    else:
+        from worker.session import SessionRuntime
+
+        runtime = SessionRuntime(channel, config, store, store_error)
+
+    stop_reason: list[str] = []
+
+    def on_term(signum, _frame) -> None:
+        stop_reason.append("sigterm")
+        link.running = False
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def heartbeat() -> bytes:
+        fields = {"state": runtime.state, "seq": channel.seq}
+        if runtime.meta_dirty:
+            runtime.meta_dirty = False
+            fields["meta"] = runtime.meta()
+        return frames.pack(frames.HB, **fields)
+
+    titled = [False]
+
+    def beat_now() -> None:
+        link.post(heartbeat())
+
+    runtime.on_state = beat_now
+
+    def on_frame(frame: dict) -> None:
+        kind_ = frame["k"]
+        if kind_ == frames.CALL:
+            call = Call(channel, frame["rid"], frame.get("id"), frame["method"], frame["params"])
+            runtime.handle(call)
+            if not titled[0] and getattr(runtime, "sid", None):
+                titled[0] = True
+                _set_title(_title(kind, runtime))
+        elif kind_ == frames.STOP:
+            stop_reason.append(frame["reason"])
+            link.running = False
+
+    def tick() -> None:
+        slash = getattr(runtime, "slash", None)
+        if slash is not None:
+            slash.check_deadline()
+        if runtime.meta_dirty:
+            beat_now()
+
+    link.post(frames.pack(frames.HELLO, pid=os.getpid(), kind=kind, meta=runtime.meta()))
+    link.serve(on_frame, heartbeat, tick)
+    runtime.finalize(stop_reason[0] if stop_reason else "stopped")
+    link.post(frames.pack(frames.BYE, reason=stop_reason[0] if stop_reason else "stopped"))
+    link._flush()
+    link.close()
+    if store is not None:
+        store.close()
+    guard.exit_group(0)
+    return 0
