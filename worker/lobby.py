@@ -33,6 +33,8 @@ class LobbyRuntime:
             "complete.slash": lambda c: c.reply({"items": commands.complete(str(c.params.get("text", "")))}),
             "complete.path": self.complete_path,
             "command.resolve": self.command_resolve,
+            # the TUI polls this every ~2.5 s and prints any error it gets: answer "no pet"
+            "pet.cells": lambda c: c.reply({"enabled": False}),
         }
 
     def handle(self, call: Call) -> None:
