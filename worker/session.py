@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from protocol import ids
+from protocol import __version__, ids
 from protocol.jsonrpc import (
     BAD_VALUE, INTERNAL_ERROR, METHOD_NOT_FOUND, SESSION_BUSY, SESSION_NOT_FOUND, STORE_UNAVAILABLE,
     STORED_SESSION_NOT_FOUND, RpcError,
@@ -50,6 +50,7 @@ class SessionRuntime:
         self.meta_dirty = True
         self.on_state: Callable[[], None] = lambda: None
         self.cancel = threading.Event()
+        self.partial = ""  # the streaming reply so far (for a re-attaching client's snapshot)
         self._turns: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._busy = threading.Lock()  # held for the whole of a turn
         self._turn_thread = threading.Thread(target=self._turn_loop, name="turns", daemon=True)
@@ -131,7 +132,7 @@ class SessionRuntime:
             "runtime": "builtin",
             "agent": self.agent.name,
             "pid": os.getpid(),
-            "version": "",
+            "version": __version__,
         }
 
     def meta(self) -> dict:
@@ -149,8 +150,12 @@ class SessionRuntime:
         return out
 
     def snapshot(self, resumed: str | None = None) -> dict:
-        return {"session_id": self.sid, "resumed": resumed or self.key, "message_count": len(self.transcript),
-                "messages": self.display(), "info": self.info()}
+        """The live-session shape of resume/activate (upstream's fields, so the TUI restores its view)."""
+        busy = self.state != "idle"
+        return {"session_id": self.sid, "resumed": resumed or self.key, "session_key": self.key,
+                "message_count": len(self.transcript), "messages": self.display(), "info": self.info(),
+                "running": busy, "status": self.state, "started_at": self.started_at,
+                "inflight": {"assistant": self.partial, "streaming": True} if busy else None}
 
     def _bind(self) -> dict:
         self.ch.sid = self.sid or ""
@@ -165,7 +170,8 @@ class SessionRuntime:
         self.cols = int(call.params.get("cols") or 80)
         self.sid, self.key, self.started_at = ids.runtime_id(), ids.stored_key(), time.time()
         store.create_session(self.key, model=self.model, source=str(call.params.get("source") or "tui"))
-        call.reply({"session_id": self.sid, "info": self.info()}, bind=self._bind())
+        call.reply({"session_id": self.sid, "stored_session_id": self.key, "message_count": 0, "messages": [],
+                    "info": self.info()}, bind=self._bind())
         self.ch.emit("session.info", self.info())
 
     def resume(self, call: Call) -> None:
@@ -239,6 +245,7 @@ class SessionRuntime:
 
     def _turn(self, text: str) -> None:
         self.ch.emit("message.start", {})
+        self.partial = ""
         parts: list[str] = []
         msg_id: int | None = None
         last_commit = time.monotonic()
@@ -249,6 +256,7 @@ class SessionRuntime:
                 ev = next(gen)
                 if ev.type == "message.delta":
                     parts.append(ev.payload.get("text", ""))
+                    self.partial += parts[-1]
                 self.ch.emit(ev.type, ev.payload)
                 if time.monotonic() - last_commit >= PARTIAL_COMMIT_INTERVAL:
                     msg_id = self._commit_reply(msg_id, "".join(parts), "streaming")
@@ -260,6 +268,7 @@ class SessionRuntime:
         if result.status == "error":
             self.ch.emit("error", {"message": result.error or "the agent failed"})
         reply = "".join(parts)
+        self.partial = ""
         msg_id = self._commit_reply(msg_id, reply, result.status)
         self.transcript.append({"id": msg_id, "role": "assistant", "text": reply, "status": result.status})
         self.history.append({"role": "assistant", "content": reply})
