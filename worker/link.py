@@ -70,7 +70,7 @@ class Link:
         poller.register(self._wake_r, zmq.POLLIN)
         while self.running:
             wait = max(0.0, self._last_send + self.interval - time.monotonic())
-            ready = dict(poller.poll(min(wait, 0.1) * 1000))
+            ready = dict(poller.poll(min(wait, 0.5) * 1000))  # state changes wake us through the outbox pipe
             if self.sock in ready:
                 while True:
                     try:
