@@ -66,8 +66,9 @@ def unpack(data: bytes) -> dict:
         raise FrameError(f"undecodable frame: {type(exc).__name__}: {str(exc)[:120]}") from None
     if not isinstance(obj, dict):
         raise FrameError("frame is not a map")
-    if obj.get("v") != VERSION:
-        raise FrameError(f"unsupported frame version {obj.get('v')!r}")
+    version = obj.get("v")
+    if type(version) is not int or version != VERSION:  # not True, not 1.0
+        raise FrameError(f"unsupported frame version {version!r}")
     kind = obj.get("k")
     schema = _SCHEMA.get(kind) if isinstance(kind, str) else None
     if schema is None:
