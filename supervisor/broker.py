@@ -330,7 +330,7 @@ class Broker:
         if w.session is not None or w.stopping:
             return
         w.kind = "spare"
-        if len(self.spares) < self.cfg.warm_pool and self.accepting:
+        if len(self.spares) + self.spawning_spares() < self.cfg.warm_pool and self.accepting:
             self.spares.append(w)
         else:
             self._task(self.stop(w, "surplus"))
@@ -340,8 +340,10 @@ class Broker:
                 sink: Callable[[str | bytes], None] | None,
                 on_reply: Callable[[dict], None] | None = None) -> bool:
         rid = next(self._rid)
+        # pack first: params msgpack cannot carry (an integer over 64 bits) raise here, before anything is registered
+        data = frames.pack(frames.CALL, rid=rid, id=client_id, method=method, params=params)
         self.pending[rid] = Pending(w, method, sink, on_reply)
-        ok = self.send(w, frames.pack(frames.CALL, rid=rid, id=client_id, method=method, params=params))
+        ok = self.send(w, data)
         if not ok:
             self.pending.pop(rid, None)
         return ok

@@ -203,7 +203,8 @@ class Front:
             pass
         finally:
             conn.closed = True
-            if ws.close_code == 1009:
+            sent = ws.protocol.close_sent  # close_code is what the client sent back (1006 after a 1009 fail)
+            if sent is not None and sent.code == 1009:
                 log.warning("client sent a frame over the size limit; connection closed", conn=conn.id,
                             limit=self.cfg.max_frame)
             self.broker.detach_client(conn)

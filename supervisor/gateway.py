@@ -148,7 +148,12 @@ class Gateway:
             if not done.done():
                 done.set_result(None)
 
-        if not b.forward(w, method, params, rid, sink, on_reply):
+        try:
+            sent = b.forward(w, method, params, rid, sink, on_reply)
+        except Exception:
+            b.release_spare(w)  # the call never reached the worker: it must not stay claimed and unreaped
+            raise
+        if not sent:
             b.release_spare(w)
             raise RpcError(jsonrpc.AGENT_INIT_FAILED, "could not reach the new session worker")
         await done
