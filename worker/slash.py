@@ -35,6 +35,8 @@ class SlashWorker:
 
     def _start(self) -> threading.Thread:
         thread = threading.Thread(target=self._loop, name="slash-worker", daemon=True)
+        # owner first, then start: a new thread that took a job before it was the owner would drop it
+        self._thread = thread
         thread.start()
         return thread
 
