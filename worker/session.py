@@ -276,6 +276,7 @@ class SessionRuntime:
             self.usage[k] += int(result.usage.get(k, 0) or 0)
         self.usage["turns"] += 1
         self.meta_dirty = True
+        self.set_state("idle")  # before complete: a client may submit its next prompt as soon as it sees it
         self.ch.emit("message.complete", {"text": reply, "usage": result.usage, "status": result.status})
 
     def _commit_reply(self, msg_id: int | None, text: str, status: str) -> int | None:
