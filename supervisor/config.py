@@ -64,6 +64,8 @@ class Config:
     openai_base_url: str = ""
     openai_model: str = ""
     openai_api_key_file: str = ""
+    openai_timeout: float = 120.0
+    openai_system_prompt: str = ""
     metrics_auth: str = "token"
 
     def __post_init__(self) -> None:
@@ -78,7 +80,8 @@ class Config:
             "store_path": os.path.join(self.data_dir, "sessions.db") if self.persist else "",
             "data_dir": self.data_dir,
             "openai_base_url": self.openai_base_url, "openai_model": self.openai_model,
-            "openai_api_key_file": self.openai_api_key_file,
+            "openai_api_key_file": self.openai_api_key_file, "openai_timeout": self.openai_timeout,
+            "openai_system_prompt": self.openai_system_prompt,
         }
 
     def public(self) -> dict[str, Any]:
@@ -120,6 +123,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "replay_bytes": (lambda v: v >= 1024, "bytes ≥ 1024"),
     "monitor_interval": (_positive, "a number of seconds > 0"),
     "slash_timeout": (_positive, "a number of seconds > 0"),
+    "openai_timeout": (_positive, "a number of seconds > 0"),
     "metrics_auth": (lambda v: v in ("token", "loopback"), "token or loopback"),
 }
 

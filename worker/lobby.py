@@ -64,7 +64,7 @@ class LobbyRuntime:
 
     def setup_status(self, call: Call) -> None:
         agent = self.config.get("agent", "echo")
-        configured = agent == "echo" or bool(self.config.get("openai_base_url"))
+        configured = agent == "echo" or bool(self.config.get("openai_base_url") and self.config.get("openai_model"))
         store = {"ok": self.store is not None, "path": self.config.get("store_path", ""),
                  "error": self.store_error or ""}
         call.reply({"provider_configured": configured, "agent": agent, "store": store})
