@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 BUSY_TIMEOUT_MS = 30_000
+OPEN_TIMEOUT_S = 10.0  # how long opening retries a locked file before reporting it (workers must say hello)
+CORRUPT_HINT = ("; the file is left as it is: move it aside to start an empty store, or restore a backup"
+                " (see docs/persistence.md)")
 
 MIGRATIONS: list[str] = [
     # v1
@@ -94,41 +97,59 @@ class Store:
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.RLock()
-        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        self._db: sqlite3.Connection | None = None
+        deadline = time.monotonic() + OPEN_TIMEOUT_S
         delay = 0.01
         while True:
             try:
                 self._open()
                 return
             except sqlite3.OperationalError as exc:
+                self._discard()
                 # switching a new file to WAL takes an exclusive lock that SQLite does not
                 # wait for; many workers opening at once see "locked" and simply try again
-                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
-                    raise StoreError(f"{path}: {exc}") from None
-                try:
-                    self._db.close()
-                except Exception:
-                    pass
+                locked = "locked" in str(exc) or "busy" in str(exc)
+                if not locked:
+                    raise StoreError(_describe(path, exc)) from None
+                if time.monotonic() > deadline:
+                    raise StoreError(f"{path}: {exc} (still locked after {OPEN_TIMEOUT_S:g} s:"
+                                     " another process holds a lock on it)") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.2)
             except sqlite3.DatabaseError as exc:
-                raise StoreError(f"{path}: {exc}") from None
+                self._discard()
+                raise StoreError(_describe(path, exc)) from None
             except OSError as exc:
+                self._discard()
                 raise StoreError(f"{path}: {exc.strerror or exc}") from None
+            except StoreError:
+                self._discard()
+                raise
+
+    def _discard(self) -> None:
+        """Close a half-opened connection, so a failed open leaves no descriptor behind."""
+        if self._db is not None:
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass
+            self._db = None
 
     def _open(self) -> None:
         path = self.path
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                                   check_same_thread=False)
+        # opening waits at most OPEN_TIMEOUT_S for a lock (a file some other tool holds is reported,
+        # not waited on for the whole write timeout); writes afterwards wait BUSY_TIMEOUT_MS
+        self._db = sqlite3.connect(path, timeout=OPEN_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
-        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        self._db.execute(f"PRAGMA busy_timeout={int(OPEN_TIMEOUT_S * 1000)}")
         mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise StoreError(f"{path}: could not switch to WAL mode (got {mode})")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._migrate()
+        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     # -- schema -------------------------------------------------------------
     def _migrate(self) -> None:
@@ -156,14 +177,14 @@ class Store:
             try:
                 return self._db.execute(sql, args)
             except sqlite3.DatabaseError as exc:
-                raise StoreError(f"{self.path}: {exc}") from None
+                raise StoreError(_describe(self.path, exc)) from None
 
     def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
             try:
                 return self._db.execute(sql, args).fetchall()
             except sqlite3.DatabaseError as exc:
-                raise StoreError(f"{self.path}: {exc}") from None
+                raise StoreError(_describe(self.path, exc)) from None
 
     def check(self) -> None:
         """Raise StoreError unless the database answers a real query."""
@@ -214,6 +235,13 @@ class Store:
 
     def end(self, key: str, reason: str) -> None:
         self._write("UPDATE sessions SET ended_at = ?, end_reason = ? WHERE key = ?", (time.time(), reason, key))
+
+    def end_if_open(self, key: str, reason: str, at: float) -> bool:
+        """Record the end of a session whose worker could not (killed): only if no end is recorded yet
+        and nothing touched the row after `at` (a resume that re-opened it meanwhile wins)."""
+        cur = self._write("UPDATE sessions SET ended_at = ?, end_reason = ? WHERE key = ? AND ended_at IS NULL"
+                          " AND updated_at <= ?", (at, reason, key, at))
+        return cur.rowcount > 0
 
     def reopen(self, key: str) -> None:
         self._write("UPDATE sessions SET ended_at = NULL, end_reason = NULL, updated_at = ? WHERE key = ?",
@@ -272,6 +300,13 @@ _SESSION_SELECT = (
     "SELECT s.*, (SELECT substr(m.text, 1, 80) FROM messages m WHERE m.session_key = s.key AND m.role = 'user'"
     " ORDER BY m.id LIMIT 1) AS preview FROM sessions s"
 )
+
+
+def _describe(path: str, exc: sqlite3.Error) -> str:
+    """The path and SQLite's own words, plus what to do when the file itself is damaged."""
+    text = str(exc)
+    hint = CORRUPT_HINT if "not a database" in text or "malformed" in text else ""
+    return f"{path}: {text}{hint}"
 
 
 def _session(row: sqlite3.Row) -> StoredSession:
