@@ -280,3 +280,27 @@ def test_interrupt_when_idle_and_steer_rules(slow_gw):
         assert done["payload"]["status"] == "complete"
 
     session_test(slow_gw, body)
+
+
+# -- --persist false: sessions live in memory only ----------------------------------------
+def test_persistence_off_sessions_work_in_memory(gateway_factory):
+    g = gateway_factory("--persist", "false")
+
+    async def body(c: Client, sid: str):
+        done = await c.turn(sid, "kept in memory")
+        assert done["payload"]["text"] == "kept in memory"
+        assert (await c.call("session.title", {"session_id": sid, "title": "volatile"}))["title"] == "volatile"
+        assert "volatile" in (await c.call("slash.exec", {"session_id": sid, "command": "/title"}))["output"]
+        hist = await c.call("session.history", {"session_id": sid})
+        assert hist["count"] == 2 and hist["messages"][0]["text"] == "kept in memory"
+        assert await c.call("session.undo", {"session_id": sid}) == {"removed": 2}
+        # nothing stored: resuming by key finds nothing to load
+        key = (await c.call("session.title", {"session_id": sid}))["session_key"]
+        await c.call("session.close", {"session_id": sid})
+        err = await rpc_error(c, "session.resume", {"session_id": key})
+        assert err.code in (5031, 4007)
+        err = await rpc_error(c, "session.list", {})
+        assert err.code == 5031
+
+    session_test(g, body)
+    assert not (g.data_dir / "sessions.db").exists()

@@ -52,7 +52,8 @@ class LobbyRuntime:
             call.fail(INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}")
 
     def meta(self) -> dict:
-        return {"store_error": self.store_error or ""}
+        # persistence off (--persist false) is not a broken store: sessions still start, in memory only
+        return {"store_error": (self.store_error or "") if self.config.get("store_path") else ""}
 
     def finalize(self, reason: str) -> None:
         pass

@@ -111,6 +111,10 @@ class SessionRuntime:
             raise RpcError(STORE_UNAVAILABLE, f"session store unavailable: {self.store_error}")
         return self.store
 
+    def _store_if_on(self) -> Store | None:
+        """None when persistence is off (--persist false): the session then lives in memory only."""
+        return self._need_store() if self.config.get("store_path") else None
+
     def set_state(self, state: str) -> None:
         if state != self.state:
             self.state = state
@@ -164,12 +168,13 @@ class SessionRuntime:
 
     # -- lifecycle calls ------------------------------------------------------
     def create(self, call: Call) -> None:
-        store = self._need_store()
+        store = self._store_if_on()
         if self.sid is not None:
             raise RpcError(BAD_VALUE, "this worker already hosts a session")
         self.cols = int(call.params.get("cols") or 80)
         self.sid, self.key, self.started_at = ids.runtime_id(), ids.stored_key(), time.time()
-        store.create_session(self.key, model=self.model, source=str(call.params.get("source") or "tui"))
+        if store is not None:
+            store.create_session(self.key, model=self.model, source=str(call.params.get("source") or "tui"))
         call.reply({"session_id": self.sid, "stored_session_id": self.key, "message_count": 0, "messages": [],
                     "info": self.info()}, bind=self._bind())
         self.ch.emit("session.info", self.info())
@@ -225,8 +230,8 @@ class SessionRuntime:
             raise RpcError(BAD_VALUE, "text must be a non-empty string")
         if self.state != "idle":
             raise RpcError(SESSION_BUSY, "session busy: a turn is running (interrupt it or wait)")
-        store = self._need_store()
-        msg_id = store.add_message(self.key, "user", text)  # committed before we answer
+        store = self._store_if_on()
+        msg_id = store.add_message(self.key, "user", text) if store else None  # committed before we answer
         self.transcript.append({"id": msg_id, "role": "user", "text": text, "status": None})
         self.history.append({"role": "user", "content": text})
         self.cancel.clear()
@@ -330,7 +335,8 @@ class SessionRuntime:
         if title is not None:
             if not isinstance(title, str) or not title.strip():
                 raise RpcError(BAD_VALUE, "title must be a non-empty string")
-            self.title = self._need_store().set_title(self.key, title)
+            store = self._store_if_on()
+            self.title = store.set_title(self.key, title) if store else title.strip()[:200]
             self.meta_dirty = True
             self.ch.emit("session.title", {"session_id": self.key, "title": self.title})
         call.reply({"title": self.title, "session_key": self.key})
@@ -399,7 +405,8 @@ class SessionRuntime:
             return "\n".join(f"{cmd:<8} {desc}" for cmd, desc, _ in commands.COMMANDS)
         if name == "title":
             if arg:
-                self.title = self._need_store().set_title(self.key, arg)
+                store = self._store_if_on()
+                self.title = store.set_title(self.key, arg) if store else arg[:200]
                 self.meta_dirty = True
                 self.ch.emit("session.title", {"session_id": self.key, "title": self.title})
             return f"title: {self.title or '(untitled)'}"
