@@ -191,7 +191,7 @@ class SessionRuntime:
         if found is None:
             raise RpcError(STORED_SESSION_NOT_FOUND, f"stored session not found: {target}")
         self.key, self.title = found.key, found.title or ""
-        self.model = found.model or self.model
+        self.model = self.agent.model = found.model or self.model
         self.started_at = found.created_at
         for m in store.messages(found.key):
             if m["role"] == "assistant" and m["status"] == "streaming":
@@ -369,7 +369,7 @@ class SessionRuntime:
     def config_set(self, call: Call) -> None:
         key, value = call.params.get("key"), call.params.get("value")
         if key == "model" and isinstance(value, str) and value:
-            self.model = value
+            self.model = self.agent.model = value  # the next turn uses it
             if self.store is not None:
                 self.store.set_model(self.key, value)
             self.meta_dirty = True
@@ -412,7 +412,7 @@ class SessionRuntime:
             return f"title: {self.title or '(untitled)'}"
         if name == "model":
             if arg:
-                self.model = arg
+                self.model = self.agent.model = arg  # the next turn uses it
                 if self.store is not None:
                     self.store.set_model(self.key, arg)
                 self.meta_dirty = True
