@@ -10,6 +10,8 @@ Worker -> broker
 Broker -> worker
   call   {rid, id, method, params}            a client call (id: the client's JSON-RPC id)
   stop   {reason}                             finalize (flush history) and exit
+  ended  {key, reason, at?}                   to the lobby: a session's worker died without finalizing
+                                              (killed, crashed); record `reason` on the stored row
 
 Every frame carries `v` (the version) and `k` (the kind). The broker forwards the
 `json` bytes to clients without decoding them.
@@ -24,7 +26,7 @@ import msgpack
 VERSION = 1
 MAX_FRAME = 8 * 1024 * 1024  # bytes; the ROUTER drops peers that send more (ZMQ_MAXMSGSIZE)
 
-HELLO, HB, RES, EV, BYE, CALL, STOP = "hello", "hb", "res", "ev", "bye", "call", "stop"
+HELLO, HB, RES, EV, BYE, CALL, STOP, ENDED = "hello", "hb", "res", "ev", "bye", "call", "stop", "ended"
 
 # Required fields and their types, per kind.
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -35,6 +37,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     BYE: {"reason": str},
     CALL: {"rid": int, "method": str, "params": dict},
     STOP: {"reason": str},
+    ENDED: {"key": str, "reason": str},
 }
 
 _packer = msgpack.Packer(use_bin_type=True)

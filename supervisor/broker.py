@@ -72,6 +72,7 @@ class Broker:
         self._reaper: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._lobby_backoff = 0.0
+        self._end_notes: deque[bytes] = deque(maxlen=10_000)  # `ended` frames waiting for a lobby
         self.ctx = zmq.Context(io_threads=1)
         self.router = self.ctx.socket(zmq.ROUTER)
         self.spawner = Spawner(self._preload(), self._on_spawned, self._on_exited, self._on_spawn_error,
@@ -221,6 +222,8 @@ class Broker:
             self.store_error = str(meta.get("store_error") or "")
             if self.store_error:
                 log.error("session store unusable; new sessions are refused", error=self.store_error)
+            while self._end_notes and w is self.lobby and self.send(w, self._end_notes[0]):
+                self._end_notes.popleft()
         elif w.kind == "spare" and not w.stopping:
             self.spares.append(w)
         if w.hello is not None and not w.hello.done():
@@ -522,6 +525,8 @@ class Broker:
             self.sessions.pop(s.sid, None)
             if self.by_key.get(s.key) is s:
                 self.by_key.pop(s.key, None)
+            if s.key:
+                self._note_end(s.key, reason)
             for cid in s.attached:
                 client = self.clients.get(cid)
                 if client is not None:
@@ -535,6 +540,20 @@ class Broker:
             self._restart_lobby(w)
         self.refill()
         self.on_change()
+
+    def _note_end(self, key: str, reason: str) -> None:
+        """Ask the lobby to record why a session ended, for a worker that could not (hard kill, crash).
+
+        Sent for every session whose worker is gone: the lobby writes only a row that no
+        finalize ended and no later resume re-opened, so a clean stop costs one no-op update."""
+        if self.closing:
+            return  # shutdown: every worker finalizes itself, and the lobby is stopping too
+        note = frames.pack(frames.ENDED, key=key, reason=reason, at=time.time())
+        lobby = self.lobby
+        if lobby is not None and lobby.ready and not lobby.stopping and lobby.ident in self.workers \
+                and not self._end_notes and self.send(lobby, note):
+            return
+        self._end_notes.append(note)  # sent when the next lobby says hello
 
     def _restart_lobby(self, dead: Worker) -> None:
         """Start another lobby; back off (1 s doubling to 30 s) while it keeps dying young."""

@@ -58,6 +58,18 @@ class LobbyRuntime:
     def finalize(self, reason: str) -> None:
         pass
 
+    def record_end(self, key: str, reason: str, at: float) -> None:
+        """The broker saw a session's worker die without finalizing (killed, crashed): record why.
+
+        The dead worker could not write its own row, so the lobby does; a row already ended, or
+        re-opened by a resume after `at`, is left alone."""
+        if self.store is None:
+            return
+        try:
+            self.store.end_if_open(key, reason, at)
+        except StoreError as exc:
+            print(f"lobby: could not record the end of {key} ({reason}): {exc}", flush=True)
+
     def _store(self) -> Store:
         if self.store is None:
             raise RpcError(STORE_UNAVAILABLE, f"session store unavailable: {self.store_error}")
@@ -78,8 +90,13 @@ class LobbyRuntime:
 
     def most_recent(self, call: Call) -> None:
         rows = self._store().list(1)
-        call.reply({"session": rows[0].row() if rows else None,
-                    "session_id": rows[0].key if rows else None})
+        if not rows:
+            call.reply({"session_id": None, "session": None})
+            return
+        row = rows[0].row()
+        # upstream's shape ({session_id, title, started_at, source}) plus the full list row
+        call.reply({"session_id": row["session_key"], "title": row["title"], "started_at": row["started_at"],
+                    "source": row["source"], "session": row})
 
     def config_get(self, call: Call) -> None:
         key = call.params.get("key", "full")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 from protocol import frames
 from worker import guard
@@ -98,6 +99,11 @@ def run(ident: bytes, config: dict, parent_pid: int) -> int:
         elif kind_ == frames.STOP:
             stop_reason.append(frame["reason"])
             link.running = False
+        elif kind_ == frames.ENDED:
+            record = getattr(runtime, "record_end", None)  # the lobby's job
+            if record is not None:
+                at = frame.get("at")
+                record(frame["key"], frame["reason"], float(at) if isinstance(at, (int, float)) else time.time())
 
     def tick() -> None:
         slash = getattr(runtime, "slash", None)
