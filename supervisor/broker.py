@@ -45,6 +45,7 @@ class Pending:
     method: str
     sink: Callable[[str | bytes], None] | None  # None: a notification, the reply is dropped
     on_reply: Callable[[dict], None] | None = None
+    client_id: Any = None  # the client's JSON-RPC id: a failure answer must carry it
 
 
 class Broker:
@@ -345,7 +346,7 @@ class Broker:
         rid = next(self._rid)
         # pack first: params msgpack cannot carry (an integer over 64 bits) raise here, before anything is registered
         data = frames.pack(frames.CALL, rid=rid, id=client_id, method=method, params=params)
-        self.pending[rid] = Pending(w, method, sink, on_reply)
+        self.pending[rid] = Pending(w, method, sink, on_reply, client_id)
         ok = self.send(w, data)
         if not ok:
             self.pending.pop(rid, None)
@@ -355,7 +356,7 @@ class Broker:
         for rid, p in list(self.pending.items()):
             if p.worker is w:
                 del self.pending[rid]
-                text = jsonrpc.error(None, jsonrpc.INTERNAL_ERROR, why)
+                text = jsonrpc.error(p.client_id, jsonrpc.INTERNAL_ERROR, why)
                 if p.on_reply is not None:
                     p.on_reply({"k": "res", "rid": rid, "json": text.encode(), "failed": why})
                 elif p.sink is not None:
@@ -572,6 +573,7 @@ class Broker:
 
     def _on_zygote_lost(self) -> None:
         """The fork server died: its workers die with it (PDEATHSIG); account for them and start over."""
+        self.journal.remove(self.spawner.pid)  # the dead fork server's row (a new one is added below)
         for w in list(self.workers.values()):
             if w.pid:
                 try:
