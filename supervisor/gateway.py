@@ -124,9 +124,18 @@ class Gateway:
         """Hand a create/resume to a spare worker; bind and attach when it answers."""
         b = self.broker
         try:
-            w = await b.take_spare()
+            w = await b.take_spare(refill=False)
         except RuntimeError as exc:
+            b.refill()
             raise RpcError(jsonrpc.AGENT_INIT_FAILED, f"could not start a session worker: {exc}") from None
+        try:
+            await self._hand_to(w, client, rid, method, params, sink, close_on_disconnect)
+        finally:
+            asyncio.get_running_loop().call_soon(b.refill)  # the next spare is forked once this call is answered
+
+    async def _hand_to(self, w: Worker, client: Client, rid: Any, method: str, params: dict, sink: Sink | None,
+                       close_on_disconnect: bool) -> None:
+        b = self.broker
         done = asyncio.get_running_loop().create_future()
 
         def on_reply(frame: dict) -> None:

@@ -18,13 +18,24 @@ import time
 PR_SET_PDEATHSIG = 1
 
 
+_libc: list = []  # resolved once (in the zygote, before it forks): find_library runs `ldconfig -p`
+
+
+def _prctl():
+    if not _libc:
+        try:
+            _libc.append(ctypes.CDLL(None, use_errno=True).prctl)
+        except (OSError, AttributeError):
+            _libc.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl)
+    return _libc[0]
+
+
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
-    except OSError:
+        return _prctl()(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
         return False
 
 
