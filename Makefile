@@ -3,8 +3,9 @@ VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
+TSTAMP  := $(VENV)/.installed-test
 
-.PHONY: run test chaos bench clean
+.PHONY: run test tmux chaos bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +16,21 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/hermes-gateway run
 
-test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+# tests also need the `hermes` extra (the hermes runtime, and the real Node TUI bundled in its wheel) and tmux
+# (when pip cannot get it, say so and go on: those tests skip with the reason; the next run tries again)
+$(TSTAMP): $(STAMP) pyproject.toml
+	@if $(PY) -m pip install -q -e '.[test,hermes]'; then touch $(TSTAMP); \
+	else echo "note: could not install the hermes extra: the hermes runtime and TUI tests will skip"; fi
+
+tmux:
+	@command -v tmux >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y -q tmux >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+	      apt-get install -y -q tmux >/dev/null 2>&1; } || echo "note: apt-get could not install tmux: the TUI tests will skip"; \
+	  else echo "note: tmux is missing and we are not root: the TUI tests will skip"; fi; }
+
+test: $(TSTAMP) tmux
+	$(PY) -m pytest -q -rs -p no:cacheprovider
 
 chaos: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m slow tests/chaos

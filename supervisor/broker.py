@@ -105,6 +105,10 @@ class Broker:
         os.chmod(sock_path, 0o600)
         loop = asyncio.get_running_loop()
         loop.add_reader(self.router.getsockopt(zmq.FD), self._drain)
+        if self.cfg.runtime == "hermes":
+            from worker.hermes_home import prepare  # file work only, no agent code
+
+            os.environ.update(prepare(self.cfg.worker_config()))  # Hermes reads HERMES_HOME in the fork server
         self.spawner.start()
         self.journal.add(JournalEntry(self.spawner.pid, _create_time(self.spawner.pid), os.getpgid(0), "zygote"))
         self.lobby = self.spawn("lobby")

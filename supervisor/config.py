@@ -66,6 +66,7 @@ class Config:
     openai_api_key_file: str = ""
     openai_timeout: float = 120.0
     openai_system_prompt: str = ""
+    hermes_provider: str = ""
     metrics_auth: str = "token"
 
     def __post_init__(self) -> None:
@@ -81,7 +82,7 @@ class Config:
             "data_dir": self.data_dir,
             "openai_base_url": self.openai_base_url, "openai_model": self.openai_model,
             "openai_api_key_file": self.openai_api_key_file, "openai_timeout": self.openai_timeout,
-            "openai_system_prompt": self.openai_system_prompt,
+            "openai_system_prompt": self.openai_system_prompt, "hermes_provider": self.hermes_provider,
         }
 
     def public(self) -> dict[str, Any]:

@@ -50,7 +50,7 @@ class Gateway:
             scope = scope_of(method, params)
             if scope is Scope.GATEWAY:
                 await self._own[method](client, req.id, params, sink)
-            elif scope is Scope.SESSION:
+            elif scope is Scope.SESSION or self._hosted_session_call(params):
                 self.route_session(client, req, sink)
             else:
                 await self.route_global(req, sink)
@@ -64,6 +64,13 @@ class Gateway:
             self.count(method, str(jsonrpc.INTERNAL_ERROR))
             if sink is not None:
                 sink(jsonrpc.error(req.id, jsonrpc.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"))
+
+    def _hosted_session_call(self, params: dict) -> bool:
+        """The hermes runtime answers every method of its session (session.status, model.options, reload.mcp…):
+        any call naming a live session goes to its worker, not only the ones in the method table."""
+        ident = params.get("session_id")
+        return (self.broker.cfg.runtime == "hermes" and isinstance(ident, str) and bool(ident)
+                and self.broker.find(ident) is not None)
 
     def _live(self, ident: Any) -> Session:
         if not isinstance(ident, str) or not ident:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,15 @@ class Channel:
             self.seq += 1
             text = jsonrpc.event(type_, self.sid, payload, self.seq)
             self.link.post(frames.pack(frames.EV, seq=self.seq, type=type_, json=text.encode()))
+
+    def emit_params(self, params: dict) -> None:
+        """Thread-safe: an event a hosted runtime already shaped (its `params`), numbered here with `seq`."""
+        with self._lock:
+            self.seq += 1
+            params = {**params, "seq": self.seq}
+            text = json.dumps({"jsonrpc": "2.0", "method": "event", "params": params},
+                              separators=(",", ":"), ensure_ascii=False, default=str)
+            self.link.post(frames.pack(frames.EV, seq=self.seq, type=str(params.get("type", "")), json=text.encode()))
 
     def respond(self, rid: int, text: str, bind: dict | None = None) -> None:
         fields: dict[str, Any] = {"rid": rid, "json": text.encode()}

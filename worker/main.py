@@ -52,14 +52,14 @@ def run(ident: bytes, config: dict, parent_pid: int) -> int:
     link = Link(config["endpoint"], ident, float(config.get("heartbeat_interval", 1.0)))
     channel = Channel(link)
     store, store_error = _open_store(config)
-    if kind == "lobby":
+    if config.get("runtime", "builtin") == "hermes":
+        from worker.hermes_runtime import HermesRuntime
+
+        runtime = HermesRuntime(channel, config)  # the lobby too: global methods go through Hermes' dispatch
+    elif kind == "lobby":
         from worker.lobby import LobbyRuntime
 
         runtime = LobbyRuntime(config, store, store_error)
-    elif config.get("runtime", "builtin") == "hermes":
-        from worker.hermes_runtime import HermesRuntime
-
-        runtime = HermesRuntime(channel, config)
     else:
         from worker.session import SessionRuntime
 
