@@ -11,7 +11,7 @@ from typing import Awaitable, Callable
 
 from protocol import __version__
 from supervisor import config as config_mod
-from supervisor import log
+from supervisor import log, ops
 from supervisor.broker import Broker
 from supervisor.config import Config
 from supervisor.front import Front, url_for
@@ -35,6 +35,8 @@ class Daemon:
         self.on_ready: list[Callable[[], Awaitable[None] | None]] = []
         self.on_stopping: list[Callable[[], Awaitable[None] | None]] = []
         self.on_reload: list[Callable[[dict], None]] = []
+        self.on_reloading: list[Callable[[], None]] = []  # SIGHUP received, before the file is read
+        self.on_stopped: list[Callable[[], Awaitable[None] | None]] = []  # workers finalized, about to exit
 
     async def run(self) -> int:
         self.paths.ensure()
@@ -80,10 +82,14 @@ class Daemon:
         await self.broker.shutdown()
         await self.front.close_all()
         self.paths.remove_live_files()
+        for hook in self.on_stopped:
+            await _maybe(hook())
         log.info("gateway stopped", took=round(time.monotonic() - t0, 3))
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file and apply lifecycle values to the running table."""
+        for hook in self.on_reloading:
+            hook()
         if not self.cfg.config:
             log.info("SIGHUP: no config file to reload")
             return
@@ -126,6 +132,7 @@ async def _maybe(result: Awaitable[None] | None) -> None:
 def run(cfg: Config) -> int:
     log.setup(cfg.log_level, cfg.log_format)
     daemon = Daemon(cfg)
+    ops.install(daemon)
     try:
         return asyncio.run(daemon.run())
     except LockHeld as exc:
