@@ -125,11 +125,14 @@ class Front:
             self.server.close(close_connections=False)
 
     async def close_all(self, code: int = 1001, reason: str = "gateway shutting down") -> None:
-        for conn in list(self._conns()):
+        async def close(conn: Conn) -> None:
             try:
                 await asyncio.wait_for(conn.ws.close(code, reason), 1.0)
             except (asyncio.TimeoutError, websockets.ConnectionClosed):
-                pass
+                conn.ws.transport.abort()  # no answer to the closing handshake: drop it
+
+        # all at once: one stuck client per second, in turn, would blow the --stop-timeout + 1 s budget
+        await asyncio.gather(*(close(c) for c in self._conns()))
         if self.server is not None:
             self.server.close()
             try:
