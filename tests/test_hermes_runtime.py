@@ -139,6 +139,10 @@ def test_prompt_streams_through_the_real_agent_and_slash_worker_is_in_the_group(
         with pytest.raises(RpcFailed) as info:  # a method Hermes does not have: -32601 from the session's worker
             await c.call("no.such.method", {"session_id": sid})
         assert info.value.code == -32601
+        # the TUI's reconnect resumes by *runtime* id: the live session is re-attached, not a new one started
+        again = await c.call("session.resume", {"session_id": sid, "cols": 80}, timeout=20)
+        assert again["session_id"] == sid and again["message_count"] >= 2
+        assert list(gw.session_workers()) == [pid]
 
         c.abort()  # the client goes away without a word: detach, then reap after reap_grace
         return pid, [p.pid for p in slash], key
@@ -147,7 +151,7 @@ def test_prompt_streams_through_the_real_agent_and_slash_worker_is_in_the_group(
     wait_for(lambda: gone(pid) and all(map(gone, slash_pids)), 15,
              what="the reaped worker and its slash worker to exit")
     assert not gw.session_workers()
-    assert "reason=ws_orphan_reap" in gw.log()
+    wait_for(lambda: "reason=ws_orphan_reap" in gw.log(), 5, what="the reap in the log")
     # finalize let Hermes close its session: the row in Hermes' own database says when and why
     with sqlite3.connect(f"file:{gw.data_dir / 'hermes-home' / 'state.db'}?mode=ro", uri=True) as db:
         ended_at, reason = db.execute("SELECT ended_at, end_reason FROM sessions WHERE id = ?", (key,)).fetchone()
@@ -173,8 +177,10 @@ def test_killed_worker_takes_its_slash_worker_with_it(gw):
 
     async def go():
         c = await Client.open(gw.url)
-        sid = (await c.call("session.create", {"cols": 80}, timeout=20))["session_id"]
+        created = await c.call("session.create", {"cols": 80}, timeout=20)
+        sid, key = created["session_id"], created["stored_session_id"]
         pid = worker_of(gw, sid)
+        await c.turn(sid, "hello", timeout=60)  # Hermes writes its session row on the first prompt
         await c.call("slash.exec", {"session_id": sid, "command": "help"}, timeout=60)
         # Hermes may start two: a slash.exec that beats the agent build starts one, the build another, and
         # the first is dropped without being closed (in Hermes' own gateway it lives until the gateway exits)
@@ -184,8 +190,15 @@ def test_killed_worker_takes_its_slash_worker_with_it(gw):
         reclaimed = await c.wait_event(lambda e: e["type"] == "session.reclaimed" and e.get("session_id") == sid, 15)
         assert reclaimed["payload"]["reason"] == "worker_exit"
         await c.close()
-        return pid, [p.pid for p in slash]
+        return pid, [p.pid for p in slash], key
 
-    pid, slash_pids = run(go(), 80)
+    pid, slash_pids, key = run(go(), 80)
     wait_for(lambda: gone(pid) and all(map(gone, slash_pids)), 10,
              what="the slash workers to die with their worker's group")
+
+    def end_reason() -> str | None:  # the dead worker could not end its row: the lobby does
+        with sqlite3.connect(f"file:{gw.data_dir / 'hermes-home' / 'state.db'}?mode=ro", uri=True) as db:
+            row = db.execute("SELECT end_reason FROM sessions WHERE id = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    assert wait_for(end_reason, 10, what="the lobby to end the killed session's row") == "worker_exit"
