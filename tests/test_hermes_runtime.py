@@ -202,3 +202,36 @@ def test_killed_worker_takes_its_slash_worker_with_it(gw):
         return row[0] if row else None
 
     assert wait_for(end_reason, 10, what="the lobby to end the killed session's row") == "worker_exit"
+
+
+def test_home_config_keeps_what_is_not_the_gateways(tmp_dirs):
+    """Only `model:` is the gateway's: the TUI's config.set and `hermes setup` keep the rest; a key file others
+    can read is refused; an unchanged config is not rewritten (the TUI polls its mtime)."""
+    import yaml
+
+    from worker.hermes_home import HermesHomeError, prepare
+
+    key = tmp_dirs / "key"
+    key.write_text("sk-secret\n")
+    key.chmod(0o644)
+    cfg = {"data_dir": str(tmp_dirs), "openai_base_url": "http://127.0.0.1:1/v1", "openai_model": "m1",
+           "openai_api_key_file": str(key)}
+    with pytest.raises(HermesHomeError, match="readable by others"):
+        prepare(cfg)
+    key.chmod(0o600)
+    home = Path(prepare(cfg)["HERMES_HOME"])
+    path = home / "config.yaml"
+    data = yaml.safe_load(path.read_text())
+    assert data["model"] == {"provider": "custom", "default": "m1", "base_url": "http://127.0.0.1:1/v1",
+                             "api_key": "sk-secret"}
+    data["display"] = {"busy_input_mode": "queue"}  # what the TUI's config.set writes
+    data["model"]["context_length"] = 4096
+    path.write_text(yaml.safe_dump(data))
+    mtime = path.stat().st_mtime_ns
+    prepare(cfg)
+    assert path.stat().st_mtime_ns == mtime  # nothing of ours changed: not rewritten
+    prepare(dict(cfg, openai_model="m2", openai_base_url="", openai_api_key_file="", hermes_provider="openrouter"))
+    data = yaml.safe_load(path.read_text())
+    assert data["display"] == {"busy_input_mode": "queue"}
+    assert data["model"] == {"provider": "openrouter", "default": "m2", "context_length": 4096}
+    assert oct(path.stat().st_mode & 0o777) == "0o600"

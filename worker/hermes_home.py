@@ -31,13 +31,14 @@ def home_path(data_dir: str) -> str:
 def read_key_file(path: str) -> str:
     """The API key in `path` (first line); refuses a file others can read."""
     try:
-        st = os.stat(path)
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise HermesHomeError(f"API key file {path} is readable by others: chmod 600 it")
         with open(path, encoding="utf-8") as fh:
+            if os.fstat(fh.fileno()).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise HermesHomeError(f"API key file {path} is readable by others: chmod 600 it")
             return fh.readline().strip()
+    except HermesHomeError:
+        raise
     except OSError as exc:
-        raise HermesHomeError(f"API key file {path}: {exc.strerror}") from None
+        raise HermesHomeError(f"API key file {path}: {exc.strerror or exc}") from None
 
 
 def model_section(cfg: dict[str, Any]) -> dict[str, str] | None:
