@@ -6,6 +6,9 @@ Worker -> broker
   res    {rid, json, bind?}                   response to a call; `json` is the client's JSON-RPC text,
                                               `bind` = {sid, key} when the worker took a session
   ev     {seq, type, json}                    session event; `json` is the client's event text
+  evs    {items: [[seq, type, json], ...]}    consecutive session events coalesced into one frame (the link
+                                              packs what queued up while it was sending); the client still
+                                              gets one message per event, in order
   bye    {reason}                             the worker is about to exit on its own
 Broker -> worker
   call   {rid, id, method, params}            a client call (id: the client's JSON-RPC id)
@@ -27,6 +30,7 @@ VERSION = 1
 MAX_FRAME = 8 * 1024 * 1024  # bytes; the ROUTER drops peers that send more (ZMQ_MAXMSGSIZE)
 
 HELLO, HB, RES, EV, BYE, CALL, STOP, ENDED = "hello", "hb", "res", "ev", "bye", "call", "stop", "ended"
+EVS = "evs"
 
 # Required fields and their types, per kind.
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -34,6 +38,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     HB: {"state": str, "seq": int},
     RES: {"rid": int, "json": (bytes, str)},
     EV: {"seq": int, "type": str, "json": (bytes, str)},
+    EVS: {"items": list},
     BYE: {"reason": str},
     CALL: {"rid": int, "method": str, "params": dict},
     STOP: {"reason": str},
@@ -80,4 +85,23 @@ def unpack(data: bytes) -> dict:
         value = obj.get(name)
         if not isinstance(value, typ) or isinstance(value, bool):
             raise FrameError(f"{kind} frame: field {name!r} missing or of the wrong type")
+    if kind == EVS:
+        _check_items(obj["items"])
     return obj
+
+
+def _check_items(items: list) -> None:
+    if not items:
+        raise FrameError("evs frame: no items")
+    for item in items:
+        if (type(item) is not list or len(item) != 3 or type(item[0]) is not int or type(item[1]) is not str
+                or not isinstance(item[2], (bytes, str))):
+            raise FrameError("evs frame: every item must be [seq, type, json]")
+
+
+def pack_events(items: list[tuple[int, str, bytes]]) -> bytes:
+    """One event as `ev`, several as one `evs` frame."""
+    if len(items) == 1:
+        seq, type_, text = items[0]
+        return pack(EV, seq=seq, type=type_, json=text)
+    return pack(EVS, items=items)

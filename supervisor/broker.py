@@ -202,6 +202,9 @@ class Broker:
         kind = frame["k"]
         if kind == frames.EV:
             self._on_event(w, frame, now)
+        elif kind == frames.EVS:
+            for seq, type_, data in frame["items"]:
+                self._on_event(w, {"seq": seq, "type": type_, "json": data}, now)
         elif kind == frames.RES:
             pending = self.pending.pop(frame["rid"], None)
             if pending is None:

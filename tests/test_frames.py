@@ -16,6 +16,7 @@ EXAMPLES: dict[str, dict] = {
     frames.HB: {"state": "idle", "seq": 7, "meta": {"title": "t", "message_count": 3}},
     frames.RES: {"rid": 12, "json": b'{"jsonrpc":"2.0","id":1,"result":{}}', "bind": {"sid": "abcd1234", "key": "k"}},
     frames.EV: {"seq": 3, "type": "message.delta", "json": '{"jsonrpc":"2.0","method":"event"}'},
+    frames.EVS: {"items": [[4, "message.delta", b'{"a":1}'], [5, "message.complete", '{"b":2}']]},
     frames.BYE: {"reason": "stopped"},
     frames.CALL: {"rid": 9, "id": "client-id", "method": "prompt.submit", "params": {"session_id": "x", "text": "hi"}},
     frames.STOP: {"reason": "client_close"},
@@ -113,7 +114,7 @@ def test_missing_required_field(kind, name):
 
 
 _WRONG = {int: ["7", 1.5, None, [], True], str: [7, None, b"bytes", {}], dict: [[], "x", 1, None],
-          (bytes, str): [7, None, [], {}]}
+          (bytes, str): [7, None, [], {}], list: [{}, "x", 1, None]}
 
 
 @pytest.mark.parametrize("kind,name", _field_cases())
@@ -191,3 +192,29 @@ def test_extra_fields_survive_a_round_trip(kind, extra):
     got = frames.unpack(frames.pack(kind, **fields))
     for name, value in fields.items():
         assert got[name] == value
+
+
+# -- coalesced events ---------------------------------------------------------------
+def test_pack_events_one_is_ev_and_many_are_evs():
+    one = frames.unpack(frames.pack_events([(1, "message.delta", b"{}")]))
+    assert one["k"] == frames.EV and (one["seq"], one["type"], one["json"]) == (1, "message.delta", b"{}")
+    items = [(i, "message.delta", b'{"n":%d}' % i) for i in range(1, 300)]
+    many = frames.unpack(frames.pack_events(items))
+    assert many["k"] == frames.EVS
+    assert [tuple(x) for x in many["items"]] == items
+
+
+@pytest.mark.parametrize("items", [
+    [],
+    [[1, "t"]],
+    [[1, "t", b"j", "extra"]],
+    [["1", "t", b"j"]],
+    [[True, "t", b"j"]],
+    [[1, b"t", b"j"]],
+    [[1, "t", 5]],
+    [{"seq": 1, "type": "t", "json": b"j"}],
+    [[1, "t", b"j"], "not an item"],
+], ids=["empty", "short", "long", "str-seq", "bool-seq", "bytes-type", "int-json", "map-item", "one-bad"])
+def test_malformed_evs_items(items):
+    with pytest.raises(FrameError, match="evs"):
+        frames.unpack(_raw({"v": 1, "k": "evs", "items": items}))

@@ -24,7 +24,7 @@ class Channel:
         with self._lock:
             self.seq += 1
             text = jsonrpc.event(type_, self.sid, payload, self.seq)
-            self.link.post(frames.pack(frames.EV, seq=self.seq, type=type_, json=text.encode()))
+            self.link.post_event(self.seq, type_, text.encode())
 
     def emit_params(self, params: dict) -> None:
         """Thread-safe: an event a hosted runtime already shaped (its `params`), numbered here with `seq`."""
@@ -33,7 +33,7 @@ class Channel:
             params = {**params, "seq": self.seq}
             text = json.dumps({"jsonrpc": "2.0", "method": "event", "params": params},
                               separators=(",", ":"), ensure_ascii=False, default=str)
-            self.link.post(frames.pack(frames.EV, seq=self.seq, type=str(params.get("type", "")), json=text.encode()))
+            self.link.post_event(self.seq, str(params.get("type", "")), text.encode())
 
     def respond(self, rid: int, text: str, bind: dict | None = None) -> None:
         fields: dict[str, Any] = {"rid": rid, "json": text.encode()}

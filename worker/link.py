@@ -17,6 +17,9 @@ import zmq
 
 from protocol import frames
 
+EVENT_BATCH_ITEMS = 512  # events per coalesced frame
+EVENT_BATCH_BYTES = 1 << 20  # and bytes of event text per frame (far under frames.MAX_FRAME)
+
 
 class Link:
     def __init__(self, endpoint: str, ident: bytes, heartbeat_interval: float) -> None:
@@ -47,19 +50,48 @@ class Link:
             except BlockingIOError:
                 pass
 
+    def post_event(self, seq: int, type_: str, text: bytes) -> None:
+        """Thread-safe: queue one session event; consecutive ones leave as one frame (see _flush)."""
+        self._outbox.put((seq, type_, text))
+        if not self._poked.is_set():
+            self._poked.set()
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass
+
     def _flush(self) -> None:
+        """Send everything queued, in order; runs of events are coalesced (bounded) into one frame each."""
         self._poked.clear()
         try:
             while os.read(self._wake_r, 4096):
                 pass
         except BlockingIOError:
             pass
+        events: list = []
+        size = 0
         while True:
             try:
                 data = self._outbox.get_nowait()
             except queue.Empty:
                 break
-            self.sock.send(data, copy=False)
+            if type(data) is tuple:
+                if events and size + len(data[2]) > EVENT_BATCH_BYTES:
+                    self.sock.send(frames.pack_events(events), copy=False)
+                    events, size = [], 0
+                events.append(data)
+                size += len(data[2])
+                if len(events) < EVENT_BATCH_ITEMS:
+                    continue
+                data = None
+            if events:
+                self.sock.send(frames.pack_events(events), copy=False)
+                events, size = [], 0
+            if data is not None:
+                self.sock.send(data, copy=False)
+            self._last_send = time.monotonic()
+        if events:
+            self.sock.send(frames.pack_events(events), copy=False)
             self._last_send = time.monotonic()
 
     def serve(self, on_frame: Callable[[dict], None], heartbeat: Callable[[], bytes],
