@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import secrets
 import signal
 import time
 from collections import Counter, deque
@@ -222,7 +223,9 @@ class Broker:
 
     def _on_hello(self, w: Worker, frame: dict) -> None:
         if w.pid and frame["pid"] != w.pid:
-            log.warning("hello with a different pid", expected=w.pid, got=frame["pid"])
+            log.warning("hello with a different pid; ignored", expected=w.pid, got=frame["pid"])
+            return
+        log.debug("worker registered", pid=frame["pid"], kind=w.kind, ident=w.ident.decode(errors="replace"))
         w.ready = True
         w.state = "idle"
         meta = frame.get("meta") if isinstance(frame.get("meta"), dict) else {}
@@ -272,7 +275,9 @@ class Broker:
     def spawn(self, kind: str) -> Worker:
         """Ask the zygote for a worker; on failure the returned record's `hello` already holds the error."""
         loop = asyncio.get_running_loop()
-        ident = f"w{next(self._ident)}.{os.getpid()}".encode()
+        # unguessable: ZMQ's ROUTER ignores a second peer claiming an id in use, so whoever connects first
+        # with a worker's id owns it; a predictable id let a local process take a future worker's calls
+        ident = f"w{next(self._ident)}.{secrets.token_hex(8)}".encode()
         w = Worker(ident=ident, kind=kind, hello=loop.create_future(), exited=loop.create_future())
         self.workers[ident] = w
         config = self.cfg.worker_config() | {"kind": kind, "endpoint": self.paths.broker_endpoint}
