@@ -156,6 +156,29 @@ def test_overrunning_slash_is_answered_5030_and_the_queue_moves_on(gw):
     session_test(gw, body)
 
 
+# -- streaming: events coalesced on the worker link arrive one message each, complete and in order --
+def test_long_streams_arrive_whole_and_in_order(gw):
+    texts = [" ".join(f"s{k}w{i}" for i in range(3000)) for k in range(2)]
+
+    async def go():
+        c = await Client.open(gw.url)
+        sids = [await c.create() for _ in texts]
+        done = await asyncio.gather(*(c.turn(sid, text, timeout=60) for sid, text in zip(sids, texts)))
+        for sid, text, end in zip(sids, texts, done):
+            assert end["payload"]["text"] == text
+            turn = [e for e in c.by_session[sid] if e["type"].startswith("message.")]
+            assert turn[0]["type"] == "message.start" and turn[-1] is end
+            assert len(turn) == 3000 + 2, "one client message per event"
+            seqs = [e["seq"] for e in turn]
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "no gap, no duplicate, in order"
+            assert c.deltas(sid) == text
+        for sid in sids:
+            await c.call("session.close", {"session_id": sid})
+        await c.close()
+
+    run(go(), 90)
+
+
 # -- background tasks: the notification poller --------------------------------------
 def test_prompt_background_completes_through_the_poller(gw):
     async def body(c: Client, sid: str):
