@@ -22,10 +22,11 @@ import zmq
 
 from protocol import frames, jsonrpc
 from supervisor import log
+from supervisor.memory import release_free_memory
 from supervisor.config import Config
 from supervisor.journal import Journal, JournalEntry
 from supervisor.paths import RuntimePaths
-from supervisor.rules import Limits, heartbeat_lost, reap_reason
+from supervisor.rules import Limits, plan_tick, reap_reason
 from supervisor.spawner import Spawner
 from supervisor.table import Session, Worker
 
@@ -74,6 +75,7 @@ class Broker:
         self._reaper: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._lobby_backoff = 0.0
+        self._trim_at = 0.0  # when to hand freed memory back to the OS, after workers went
         self._end_notes: deque[bytes] = deque(maxlen=10_000)  # `ended` frames waiting for a lobby
         self.ctx = zmq.Context(io_threads=1)
         self.router = self.ctx.socket(zmq.ROUTER)
@@ -199,7 +201,7 @@ class Broker:
 
     def _on_frame(self, w: Worker, frame: dict) -> None:
         now = time.monotonic()
-        w.last_heartbeat = now
+        w.beat(now)
         kind = frame["k"]
         if kind == frames.EV:
             self._on_event(w, frame, now)
@@ -247,11 +249,7 @@ class Broker:
         meta = frame.get("meta")
         if isinstance(meta, dict):
             w.meta.update(meta)
-        if state != w.state and w.state != "closing":
-            w.state = state
-            s = w.session
-            if s is not None:
-                s.last_active = now  # a detached session's grace clock starts when its turn ends
+        if w.beat(now, state):  # a detached session's grace clock starts when its turn ends
             self.on_change()
 
     def _on_event(self, w: Worker, frame: dict, now: float) -> None:
@@ -409,10 +407,8 @@ class Broker:
                 client.send(data)
             if missed:
                 s.delivered_seq = s.replay[-1][0]
-        s.attached.add(client.id)
+        s.attach(client.id, time.monotonic())
         client.attached.add(s.sid)
-        s.detached_at = None
-        s.last_active = time.monotonic()
         self.on_change()
 
     def detach_client(self, client: Client) -> None:
@@ -422,9 +418,7 @@ class Broker:
             s = self.sessions.get(sid)
             if s is None:
                 continue
-            s.attached.discard(client.id)
-            if not s.attached:
-                s.detached_at = now
+            if s.detach(client.id, now):
                 log.info("session detached", session=s.sid, key=s.key, pid=s.worker.pid, state=s.state)
                 if s.close_on_disconnect:
                     self._check(s, now)
@@ -476,8 +470,9 @@ class Broker:
         if reason == "heartbeat_lost":
             step = "kill"
             self._signal_group(w, signal.SIGKILL)
-        else:
-            self.send(w, frames.pack(frames.STOP, reason=reason))
+        elif not self.send(w, frames.pack(frames.STOP, reason=reason)):
+            step = "term"  # not connected yet (or gone): nobody to ask, and nothing unflushed
+            self._signal_group(w, signal.SIGTERM)
         for sig, at in ((signal.SIGTERM, self.cfg.stop_timeout / 2), (signal.SIGKILL, self.cfg.stop_timeout)):
             if w.exited.done() or step == "kill":
                 break
@@ -499,13 +494,18 @@ class Broker:
         log.info("worker stopped", session=s.sid if s else "", key=s.key if s else "", pid=w.pid, kind=w.kind,
                  reason=reason, detached_for=detached_for, ladder=step, took=took)
 
-    def _signal_group(self, w: Worker, sig: int) -> None:
+    def _signal_group(self, w: Worker, sig: int, alive: bool = True) -> None:
+        """Signal the worker's group; `alive` (not yet reaped) also reaches a worker not yet leading one."""
         if not w.pid:
             return
         try:
             os.killpg(w.pid, sig)
         except ProcessLookupError:
-            pass
+            if alive:  # forked but not yet its own group leader; never after the pid was reaped
+                try:
+                    os.kill(w.pid, sig)
+                except ProcessLookupError:
+                    pass
         except PermissionError as exc:
             log.error("cannot signal worker group", pid=w.pid, error=str(exc))
 
@@ -527,7 +527,7 @@ class Broker:
         if w.ident not in self.workers:
             return
         w.exit_status = status
-        self._signal_group(w, signal.SIGKILL)  # anything it started that is still around
+        self._signal_group(w, signal.SIGKILL, alive=False)  # anything it started that is still around
         self._forget(w)
         reason = w.stopping or "worker_exit"
         if not w.stopping:
@@ -555,6 +555,8 @@ class Broker:
             w.hello.exception()
         if w.exited is not None and not w.exited.done():
             w.exited.set_result(status)
+        if not self._trim_at:
+            self._trim_at = time.monotonic() + 1.0
         if w is self.lobby and not self.closing:
             self._restart_lobby(w)
         self.refill()
@@ -616,23 +618,19 @@ class Broker:
                 self.tick(time.monotonic())
             except Exception as exc:
                 log.error("reaper tick failed", error=repr(exc))
+            if self._trim_at and time.monotonic() >= self._trim_at:
+                self._trim_at = 0.0
+                release_free_memory()
 
     def tick(self, now: float) -> None:
-        limits = self.limits
-        for w in list(self.workers.values()):
-            if w.stopping:
-                continue
+        """Apply the rules (decided by rules.plan_tick, testable without a loop) to every worker and session."""
+        for w, reason in plan_tick(self.workers.values(), self.sessions.values(), now, self.limits, HELLO_TIMEOUT):
             if not w.ready:
-                if now - w.spawned_at > HELLO_TIMEOUT:
-                    log.error("worker never registered", pid=w.pid, kind=w.kind)
-                    self._task(self.stop(w, "heartbeat_lost"))
-                continue
-            if heartbeat_lost(last_heartbeat=w.last_heartbeat, now=now, limits=limits):
+                log.error("worker never registered", pid=w.pid, kind=w.kind)
+            elif reason == "heartbeat_lost":
                 log.warning("worker heartbeat lost", pid=w.pid, kind=w.kind,
                             silent_for=round(now - w.last_heartbeat, 2))
-                self._task(self.stop(w, "heartbeat_lost"))
-        for s in list(self.sessions.values()):
-            self._check(s, now)
+            self._task(self.stop(w, reason))
 
     def _check(self, s: Session, now: float) -> None:
         if s.worker.stopping:

@@ -32,6 +32,9 @@ CLOSE_BAD_TOKEN = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_TOO_SLOW = 1008
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+# How long a close handshake may take before the socket is dropped. websockets' default (10 s)
+# would hold a client that stopped answering pings for 10 s more before its sessions detach.
+CLOSE_TIMEOUT = 1.0
 
 HttpRoute = Callable[[ServerConnection, Request], Awaitable[Response] | Response]
 
@@ -114,6 +117,7 @@ class Front:
             max_queue=64,
             ping_interval=self.cfg.ws_ping_interval,
             ping_timeout=self.cfg.ws_ping_timeout,
+            close_timeout=CLOSE_TIMEOUT,
             compression=None,
             server_header="hermes-gateway",
         )

@@ -6,6 +6,10 @@ The reaper tick calls these; the hypothesis model test drives them with a fake c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:
+    from supervisor.table import Session, Worker
 
 BUSY_STATES = frozenset({"working", "waiting"})
 
@@ -28,8 +32,9 @@ def reap_reason(*, attached: int, detached_at: float | None, last_active: float,
     if attached > 0 or detached_at is None:
         return None
     if state in BUSY_STATES:
-        # left to finish its turn; only a turn with no activity for busy_stale is given up on
-        if now - last_active >= limits.busy_stale:
+        # left to finish its turn; only a turn with no activity for busy_stale since the last client
+        # left is given up on (a refresh must not kill a long, silent tool call the user was watching)
+        if now - max(detached_at, last_active) >= limits.busy_stale:
             return "busy_stale"
         return None
     if close_on_disconnect:
@@ -41,6 +46,37 @@ def reap_reason(*, attached: int, detached_at: float | None, last_active: float,
 
 def heartbeat_lost(*, last_heartbeat: float, now: float, limits: Limits) -> bool:
     return now - last_heartbeat >= limits.heartbeat_timeout
+
+
+def plan_tick(workers: Iterable["Worker"], sessions: Iterable["Session"], now: float, limits: Limits,
+              hello_timeout: float) -> list[tuple["Worker", str]]:
+    """One reaper tick's decisions, without acting: (worker, reason) for every worker to stop now.
+
+    Hung workers (no frame for liveness x interval) and workers that never registered
+    first, then every session by rule 4. Workers already stopping are left alone.
+    """
+    out: list[tuple[Worker, str]] = []
+    doomed: set[int] = set()
+    for w in workers:
+        if w.stopping:
+            continue
+        if not w.ready:
+            if now - w.spawned_at > hello_timeout:
+                out.append((w, "heartbeat_lost"))
+                doomed.add(id(w))
+            continue
+        if heartbeat_lost(last_heartbeat=w.last_heartbeat, now=now, limits=limits):
+            out.append((w, "heartbeat_lost"))
+            doomed.add(id(w))
+    for s in sessions:
+        w = s.worker
+        if w.stopping or id(w) in doomed:
+            continue
+        reason = reap_reason(attached=len(s.attached), detached_at=s.detached_at, last_active=s.last_active,
+                             state=s.state, close_on_disconnect=s.close_on_disconnect, now=now, limits=limits)
+        if reason is not None:
+            out.append((w, reason))
+    return out
 
 
 def eviction_order(candidates: list[tuple[str, float | None, str]]) -> list[str]:

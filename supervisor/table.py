@@ -27,6 +27,16 @@ class Worker:
     hello: asyncio.Future | None = None
     exit_status: int | None = None
 
+    def beat(self, now: float, state: str | None = None) -> bool:
+        """Any frame is a beat; a new state also restarts the session's activity clock. True if it changed."""
+        self.last_heartbeat = now
+        if state is None or state == self.state or self.state == "closing":
+            return False
+        self.state = state
+        if self.session is not None:
+            self.session.last_active = now  # a detached session's grace clock starts when its turn ends
+        return True
+
 
 @dataclass(eq=False)
 class Session:
@@ -46,6 +56,21 @@ class Session:
     @property
     def state(self) -> str:
         return self.worker.state
+
+    def attach(self, cid: int, now: float) -> None:
+        self.attached.add(cid)
+        self.detached_at = None
+        self.last_active = now
+
+    def detach(self, cid: int, now: float) -> bool:
+        """Remove one connection; True if that left the session with nobody attached (rule 2)."""
+        if cid not in self.attached:
+            return False
+        self.attached.discard(cid)
+        if self.attached:
+            return False
+        self.detached_at = now
+        return True
 
     def remember(self, seq: int, data: bytes, max_events: int, max_bytes: int) -> None:
         self.replay.append((seq, data))
