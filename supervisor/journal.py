@@ -77,13 +77,21 @@ def still_running(entry: JournalEntry) -> psutil.Process | None:
 
 
 def kill_leftovers(entries: list[JournalEntry]) -> list[JournalEntry]:
-    """SIGKILL the group of every recorded worker that is still the same process; return those killed."""
+    """SIGKILL the group of every recorded worker that is still the same process; return those killed.
+
+    Workers first: killing the zygote first would let PDEATHSIG take the workers alone
+    and leave what they started. Only a group that the recorded process leads is
+    signalled, and never our own (the zygote shares the old broker's group).
+    """
     killed = []
-    for entry in entries:
+    own_group = os.getpgid(0)
+    for entry in sorted(entries, key=lambda e: e.kind == "zygote"):
         proc = still_running(entry)
         if proc is None:
             continue
         try:
+            if entry.pgid != entry.pid or entry.pgid == own_group:
+                raise ProcessLookupError  # not a group leader: kill the process alone
             os.killpg(entry.pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             try:

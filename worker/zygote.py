@@ -9,8 +9,10 @@ one end of a SOCK_SEQPACKET socketpair. Requests and replies are msgpack maps:
                     {"op": "error", "ident": bytes, "message": str}
 
 Forking a warm, gc-frozen parent costs a few ms; a fresh interpreter costs ~90 ms.
-The zygote exits when the broker goes (EOF on the socket, PDEATHSIG, or a reparent),
-and its workers follow it through their own PDEATHSIG and parent watch.
+The zygote exits when the broker goes (EOF on the socket, PDEATHSIG = SIGTERM, or a
+reparent), and on its way out SIGKILLs the process group of every worker it forked, so
+whatever a worker started (tools, subprocesses) dies too. The workers' own PDEATHSIG
+(SIGKILL) and parent watch are the backstop should the zygote itself be killed outright.
 """
 
 from __future__ import annotations
@@ -45,13 +47,30 @@ class Zygote:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.parent = os.getppid()
+        self.children: set[int] = set()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is the broker's business
+
+    def _on_term(self, *_) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.exit(0)  # unwinds to main(), which kills the worker groups
+
+    def kill_children(self) -> None:
+        """SIGKILL every live worker's process group (the worker and all it started)."""
+        for pid in list(self.children):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        self.children.clear()
 
     def send(self, **msg) -> None:
         try:
@@ -93,6 +112,7 @@ class Zygote:
                 return
             if pid == 0:
                 return
+            self.children.discard(pid)
             self.send(op="exited", pid=pid, status=_decode_status(status))
 
     def spawn(self, ident: bytes, config: dict) -> None:
@@ -127,6 +147,7 @@ class Zygote:
                 traceback.print_exc()
             finally:
                 os._exit(code)
+        self.children.add(pid)
         self.send(op="spawned", ident=ident, pid=pid)
 
 
@@ -135,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("fd", type=int)
     parser.add_argument("--preload", action="append", default=[])
     args = parser.parse_args(argv)
-    guard.set_parent_death_signal()
+    # SIGTERM, not SIGKILL: the handler takes every worker's group down before the zygote goes
+    guard.set_parent_death_signal(signal.SIGTERM)
     try:
         from setproctitle import setproctitle
 
@@ -148,7 +170,10 @@ def main(argv: list[str] | None = None) -> None:
     zygote = Zygote(sock)
     gc.collect()
     gc.freeze()  # forked children then share the preloaded heap instead of copying it on first GC
-    zygote.serve()
+    try:
+        zygote.serve()
+    finally:
+        zygote.kill_children()
 
 
 if __name__ == "__main__":
