@@ -64,6 +64,7 @@ class Census:
     lobbies: list[int] = field(default_factory=list)
     spares: list[int] = field(default_factory=list)
     sessions: dict[str, int] = field(default_factory=dict)  # runtime id -> pid
+    children: dict[int, int] = field(default_factory=dict)  # pid -> worker pid: a worker's own subprocess
     strays: dict[int, str] = field(default_factory=dict)  # pid -> title: nobody's child it should be
 
     def managed(self) -> set[int]:
@@ -94,10 +95,21 @@ def census(gateway_pid: int, tag: str) -> Census:
         c.gateway = gateway_pid
     zygotes = {pid for pid, (ppid, title) in info.items() if title.startswith("hermes-zygote") and ppid == c.gateway}
     c.zygotes = sorted(zygotes)
+    workers = {pid for pid, (ppid, title) in info.items() if ppid in zygotes and title.startswith("hermes-worker")}
+    owner = {pid: pid for pid in workers}
+    grew = True
+    while grew:  # a worker's subprocesses (the hermes runtime's slash worker), at any depth
+        grew = False
+        for pid, (ppid, _) in info.items():
+            if pid not in owner and ppid in owner:
+                owner[pid] = owner[ppid]
+                grew = True
     for pid, (ppid, title) in info.items():
         if pid == c.gateway or pid in zygotes:
             continue
-        if ppid not in zygotes or not title.startswith("hermes-worker"):
+        if pid in owner and pid not in workers:
+            c.children[pid] = owner[pid]
+        elif pid not in workers:
             c.strays[pid] = f"ppid={ppid} {title[:80]}"
         elif title == "hermes-worker: lobby":
             c.lobbies.append(pid)
@@ -155,6 +167,7 @@ class Checker:
         self.gw = gw
         self.tally = tally
         self.warm_pool = warm_pool
+        self.ps_checked = False
 
     @property
     def tag(self) -> str:
@@ -227,45 +240,55 @@ class Checker:
                 break
             await asyncio.sleep(0.05)
         self.tally.ok(not bad, f"active_list / hermes-ps disagree with the process table: {bad}")
+        if self.ps_checked and "hermes-ps agreed" not in self.tally.notes:
+            self.tally.notes.append("hermes-ps agreed")
 
     def _ps_problems(self, c: Census) -> list[str]:
+        """hermes-ps --all --json lists exactly the live workers, each session under its own pid."""
         binary = ps_binary()
         if binary is None:
             return []
-        out = subprocess.run([str(binary), "--json", "--runtime-dir", str(self.gw.runtime_dir)],
-                             capture_output=True, text=True, timeout=10)
+        self.ps_checked = True
+        out = subprocess.run([str(binary), "--all", "--json", "--runtime-dir", str(self.gw.runtime_dir)],
+                             capture_output=True, text=True, timeout=15)
         if out.returncode != 0:
             return [f"hermes-ps exited {out.returncode}: {out.stderr[-300:]}"]
-        doc = json.loads(out.stdout)
-        rows = doc.get("workers", doc.get("sessions", doc)) if isinstance(doc, dict) else doc
-        pids = {int(r["pid"]) for r in rows if isinstance(r, dict) and r.get("pid")}
-        live = set(c.sessions.values())
-        missing = live - pids
-        ghosts = {p for p in pids if not psutil.pid_exists(p)}
-        out_ = []
-        if missing:
-            out_.append(f"hermes-ps misses session workers {sorted(missing)}")
-        if ghosts:
-            out_.append(f"hermes-ps lists dead pids {sorted(ghosts)}")
-        return out_
+        rows = json.loads(out.stdout)["workers"]
+        problems = []
+        sessions = {r["session"]: r["pid"] for r in rows if r.get("kind") == "session" and r.get("session")}
+        if sessions != c.sessions:
+            problems.append(f"hermes-ps sessions {sessions} != process table {c.sessions}")
+        pids = {r["pid"] for r in rows if r.get("pid")}
+        workers = c.managed() - set(c.zygotes)
+        if pids != workers:
+            problems.append(f"hermes-ps pids {sorted(pids)} != live workers {sorted(workers)}")
+        return problems
 
     # -- the store --------------------------------------------------------------
     def store(self, clients: Iterable[Tracked]) -> None:
         """Every answered prompt and every completed reply a client saw is in sessions.db."""
-        db = self.gw.data_dir / "sessions.db"
+        args = list(self.gw.args)
+        if "--runtime" in args and args[args.index("--runtime") + 1:][:1] == ["hermes"]:
+            from worker.hermes_home import home_path
+
+            # the hermes runtime keeps history in Hermes' own state.db (messages: session_id, role, content)
+            db = Path(home_path(str(self.gw.data_dir))) / "state.db"
+            user_q = "SELECT 1 FROM messages WHERE session_id=? AND role='user' AND content=?"
+            reply_q = "SELECT 1 FROM messages WHERE session_id=? AND role='assistant' AND content=?"
+        else:
+            db = self.gw.data_dir / "sessions.db"
+            user_q = "SELECT 1 FROM messages WHERE session_key=? AND role='user' AND text=?"
+            reply_q = "SELECT 1 FROM messages WHERE session_key=? AND role='assistant' AND text=? AND status=?"
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
         missing = []
         try:
             for c in clients:
                 for key, text in c.prompts:
-                    row = con.execute("SELECT 1 FROM messages WHERE session_key=? AND role='user' AND text=?",
-                                      (key, text)).fetchone()
-                    if row is None:
+                    if con.execute(user_q, (key, text)).fetchone() is None:
                         missing.append(f"prompt {key}:{text[:30]!r}")
                 for key, text, status in c.completes():
-                    row = con.execute("SELECT 1 FROM messages WHERE session_key=? AND role='assistant' AND text=? "
-                                      "AND status=?", (key, text, status)).fetchone()
-                    if row is None:
+                    args = (key, text, status) if reply_q.endswith("status=?") else (key, text)
+                    if con.execute(reply_q, args).fetchone() is None:
                         missing.append(f"reply {key}:{text[:30]!r} ({status})")
         finally:
             con.close()

@@ -1,15 +1,16 @@
 """Process faults: SIGKILL / SIGSTOP / SIGCONT of workers (mid-turn, mid-create), SIGKILL of the fork
-server, SIGKILL of the broker.
+server, SIGKILL of the broker, SIGKILL of a worker's slash subprocess.
 
-Kill of a worker's child process: the builtin runtime runs slash commands on a thread and
-starts no subprocess, and the `hermes` runtime (which has one) is not installed here; the
-group kill that would take such a child is covered by the stop ladder (killpg) instead.
-See docs/reliability.md.
+The builtin runtime runs slash commands on a thread and starts no subprocess, so the
+slash-subprocess kill runs against the `hermes` runtime (the real Hermes slash worker,
+hermes-agent 0.19.0, agent pointed at the fake OpenAI server); it skips, saying so, when
+that extra is not installed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import signal
 import time
@@ -272,6 +273,63 @@ def test_broker_sigkill(rig, tally):
     _broker_kill(rig, tally, cycles=1)
 
 
+# -- a worker's slash subprocess (hermes runtime) -------------------------------------------
+def _slash_children(chk: Checker, pid: int) -> list[int]:
+    return [p for p, owner in chk.census().children.items() if owner == pid]
+
+
+def _slash_kill(rig, tally: Tally, cycles: int) -> None:
+    if importlib.util.find_spec("tui_gateway") is None:
+        pytest.skip("hermes-agent is not installed: the builtin runtime has no slash subprocess to kill")
+    from tests.fake_openai import FakeOpenAI
+
+    with FakeOpenAI(reply="hello from the fake model", delay=0.002) as fake:
+        gw = rig.start("--runtime", "hermes", "--openai-base-url", fake.base_url, "--openai-model", "fake-model",
+                       "--reap-grace", "1", "--list-grace", "0.5", name="hermes")
+        chk = Checker(gw, tally)
+
+        async def go():
+            await chk.processes(set(), timeout=30)
+            observer = await Tracked.open(gw.url)
+            c = await Tracked.open(gw.url)
+            for i in range(cycles):
+                sid = await c.create()
+                out = await c.call("slash.exec", {"session_id": sid, "command": "help"}, timeout=60)
+                tally.ok(bool(out.get("output")), "the slash worker gave no output")
+                pid = chk.census().sessions[sid]
+                kids = _slash_children(chk, pid)
+                tally.ok(bool(kids), "no slash subprocess under the worker")
+                for k in kids:
+                    os.kill(k, signal.SIGKILL)
+                    tally.faults += 1
+                ok, _ = await settle(lambda: not _slash_children(chk, pid), 5)
+                tally.ok(ok, "the killed slash subprocess is still in the process table (a zombie?)")
+                tally.ok(pid_alive(pid), "killing the slash subprocess took the worker down")
+                resp = await c.request("slash.exec", {"session_id": sid, "command": "help"}, timeout=30)
+                tally.ok("result" in resp or resp["error"]["code"] == 5030, f"slash after the kill: {resp}")
+                tally.notes.append("slash after the kill: " + ("ok" if "result" in resp else resp["error"]["message"]))
+                done = await c.turn(sid, f"still here {i}", timeout=60)
+                tally.ok(done["payload"]["status"] == "complete", "the session stopped working")
+                # a fresh worker for the same history gets a fresh slash worker
+                key = c.keys[sid]
+                tally.ok(await c.call("session.close", {"session_id": sid}) == {"closed": True}, "close failed")
+                c.attached.discard(sid)
+                res = await c.call("session.resume", {"session_id": key}, timeout=60)
+                out = await c.call("slash.exec", {"session_id": res["session_id"], "command": "help"}, timeout=60)
+                tally.ok(bool(out.get("output")), "a resumed session has no slash worker")
+                await c.call("session.close", {"session_id": res["session_id"]})
+                c.attached.discard(res["session_id"])
+                tally.cycles += 1
+            await chk.finish([c], observer)
+
+        run(go(), timeout=120 + 60 * cycles)
+
+
+@pytest.mark.timeout(180)
+def test_slash_subprocess_sigkill(rig, tally):
+    _slash_kill(rig, tally, cycles=1)
+
+
 # -- long variants ----------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(300)
@@ -301,3 +359,9 @@ def test_zygote_sigkill_long(rig, gw, tally):
 @pytest.mark.timeout(300)
 def test_broker_sigkill_long(rig, tally):
     _broker_kill(rig, tally, cycles=5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_slash_subprocess_sigkill_long(rig, tally):
+    _slash_kill(rig, tally, cycles=5)
