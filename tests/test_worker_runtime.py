@@ -198,6 +198,24 @@ def test_prompt_background_completes_through_the_poller(gw):
     session_test(gw, body)
 
 
+# -- create/resume read cols leniently (as upstream's resume does), never a crash ----------------
+def test_odd_cols_on_create_and_resume_fall_back_instead_of_crashing(gw):
+    async def go():
+        c = await Client.open(gw.url)
+        for cols in ("abc", {"w": 1}, [80], -5, 0, 10**9, "120", 99.5, True):
+            res = await c.call("session.create", {"cols": cols})
+            sid = res["session_id"]
+            key = res["stored_session_id"]
+            assert await c.call("session.close", {"session_id": sid}) == {"closed": True}
+            again = await c.call("session.resume", {"session_id": key, "cols": cols})
+            assert again["session_id"] and again["resumed"] == key
+            await c.call("session.close", {"session_id": again["session_id"]})
+        await c.close()
+
+    run(go(), 60)
+    assert "Traceback" not in gw.log()
+
+
 # -- history, usage, undo, resize -------------------------------------------------------
 def test_history_usage_and_undo(gw):
     async def body(c: Client, sid: str):

@@ -171,7 +171,7 @@ class SessionRuntime:
         store = self._store_if_on()
         if self.sid is not None:
             raise RpcError(BAD_VALUE, "this worker already hosts a session")
-        self.cols = int(call.params.get("cols") or 80)
+        self.cols = _cols(call.params)
         self.sid, self.key, self.started_at = ids.runtime_id(), ids.stored_key(), time.time()
         if store is not None:
             store.create_session(self.key, model=self.model, source=str(call.params.get("source") or "tui"))
@@ -186,6 +186,7 @@ class SessionRuntime:
             return
         if not target:
             raise RpcError(4006, "session_id required")
+        cols = _cols(call.params)
         store = self._need_store()
         found = store.find(target)
         if found is None:
@@ -201,7 +202,7 @@ class SessionRuntime:
         self.history = [{"role": m["role"], "content": m["text"]} for m in self.transcript]
         store.reopen(found.key)
         self.sid = ids.runtime_id()
-        self.cols = int(call.params.get("cols") or 80)
+        self.cols = cols
         call.reply(self.snapshot(resumed=found.key), bind=self._bind())
         self.ch.emit("session.info", self.info())
 
@@ -431,3 +432,12 @@ class SessionRuntime:
             time.sleep(seconds)
             return f"slept {seconds:g}s"
         raise ValueError(f"unknown command: /{name}")
+
+
+def _cols(params: dict) -> int:
+    """`cols` of create/resume, read leniently as upstream's resume does: a value that is not a sane width is 80."""
+    try:
+        cols = int(params.get("cols") or 80)
+    except (TypeError, ValueError, OverflowError):
+        return 80
+    return cols if 1 <= cols <= 10_000 else 80
