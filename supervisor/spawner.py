@@ -39,7 +39,8 @@ class Spawner:
 
     def start(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        args = [sys.executable, "-m", "worker.zygote", str(child.fileno())]
+        # -P: never put the cwd on sys.path, or a worker/ folder there would be loaded into every worker
+        args = [sys.executable, "-P", "-m", "worker.zygote", str(child.fileno())]
         for mod in self.preload:
             args += ["--preload", mod]
         self.proc = subprocess.Popen(args, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,

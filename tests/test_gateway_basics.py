@@ -63,3 +63,22 @@ def test_close_kills_the_worker_and_unknown_close_is_false(gateway):
         await c.close()
 
     run(go())
+
+
+def test_workers_never_import_code_from_the_current_directory(gateway_factory, tmp_dirs, monkeypatch):
+    """A worker/ or protocol/ folder where the operator happens to stand must not be loaded into workers."""
+    poison = tmp_dirs / "cwd"
+    for pkg in ("worker", "protocol"):
+        (poison / pkg).mkdir(parents=True)
+        (poison / pkg / "__init__.py").write_text("raise SystemExit('loaded from the cwd')\n")
+    monkeypatch.chdir(poison)
+    gw = gateway_factory()
+
+    async def go():
+        c = await Client.open(gw.url)
+        sid = await c.create()
+        done = await c.turn(sid, "still the real worker")
+        assert done["payload"]["text"] == "still the real worker"
+        await c.close()
+
+    run(go())
