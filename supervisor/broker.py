@@ -444,6 +444,8 @@ class Broker:
             client = self.clients.get(cid)
             if client is not None:
                 client.send(data)
+        if s.attached:
+            s.delivered_seq = s.worker.seq  # or a later re-attach would replay it a second time
 
     # -- stopping -------------------------------------------------------------
     async def stop(self, w: Worker, reason: str) -> None:
