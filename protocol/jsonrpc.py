@@ -85,11 +85,21 @@ def _valid_id(value: Any) -> bool:
 
 
 def parse_message(text: str | bytes) -> Any:
-    """Decode one frame; raises RpcError(-32700) on bad JSON."""
+    """Decode one frame; raises RpcError(-32700) on bad JSON, or on a lone surrogate escape ("\\ud800"):
+    that is not Unicode, and echoing it back (in an id or a method name) made the reply unsendable."""
     try:
-        return json.loads(text)
+        obj = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise RpcError(PARSE_ERROR, f"parse error: {str(exc)[:200]}") from None
+    probe = text if isinstance(text, str) else text.decode("utf-8", "replace")
+    if "\\ud" in probe or "\\uD" in probe:  # rare: only then look for an unpaired one
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise RpcError(PARSE_ERROR, "parse error: lone surrogate escape (not valid Unicode)") from None
+        except (ValueError, RecursionError):
+            pass
+    return obj
 
 
 def validate(obj: Any) -> Request:

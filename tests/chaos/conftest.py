@@ -16,7 +16,6 @@ import signal
 import tempfile
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.chaos.invariants import TAG_ENV, Tally, tagged

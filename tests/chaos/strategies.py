@@ -36,11 +36,14 @@ class WsFrame:
         return f"WsFrame({self.kind}, {shown!r}{'...' if len(self.data) >= 300 else ''} [{len(self.data)}])"
 
 
-scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False)
-           | st.text(max_size=30))
+# lone surrogates: json.dumps writes them as "\\ud800" escapes, which decode to strings that are not Unicode
+surrogates = st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=2)
+texts = st.text(max_size=30) | surrogates
+scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | texts)
 values = st.recursive(scalars, lambda ch: st.lists(ch, max_size=4) | st.dictionaries(st.text(max_size=10), ch,
                                                                                        max_size=4), max_leaves=12)
 good_ids = st.integers(-(2**53), 2**53) | st.text(max_size=40)
+some_ids = good_ids | surrogates
 ids = st.one_of(
     good_ids,
     st.integers(2**63, 2**128), st.integers(-(2**128), -(2**63) - 1),  # huge
@@ -48,10 +51,10 @@ ids = st.one_of(
     st.floats(allow_nan=False),  # includes ±Infinity (json.dumps writes it, Python reads it)
     st.booleans(), st.none(), st.lists(scalars, max_size=2), st.dictionaries(st.text(max_size=3), scalars, max_size=2),
 )
-methods = st.sampled_from(KNOWN_METHODS) | st.text(max_size=40)
+methods = st.sampled_from(KNOWN_METHODS) | st.text(max_size=40) | surrogates
 param_dicts = st.one_of(
     st.fixed_dictionaries({}, optional={
-        "session_id": st.text(max_size=12) | values, "text": st.text(max_size=60) | values,
+        "session_id": st.text(max_size=12) | values, "text": st.text(max_size=60) | values | surrogates,
         "cols": st.integers(-5, 20_000) | values, "key": st.sampled_from(["full", "mtime", "model"]) | values,
         "value": values, "limit": st.integers(-5, 10_000) | values, "command": st.text(max_size=20),
         "current_session_id": st.text(max_size=12), "last_seen": st.integers(-5, 10**6) | values,
@@ -62,7 +65,7 @@ param_dicts = st.one_of(
 params = param_dicts | values
 
 valid_requests = st.fixed_dictionaries({"jsonrpc": st.just("2.0"), "method": st.sampled_from(KNOWN_METHODS)},
-                                       optional={"id": good_ids, "params": param_dicts})
+                                       optional={"id": some_ids, "params": param_dicts})
 wild_requests = st.fixed_dictionaries({}, optional={
     "jsonrpc": st.just("2.0") | st.sampled_from(["1.0", "2", "", None]) | values,
     "id": ids, "method": methods | values, "params": params | st.none(),

@@ -214,8 +214,7 @@ def _zygote_kill(rig, gw, tally: Tally, cycles: int) -> None:
             ok, _ = await settle(lambda: not any(pid_alive(p) for p in old), 2.0)
             tally.ok(ok, f"workers of the dead fork server still alive after 2 s: {[p for p in old if pid_alive(p)]}")
             await chk.processes(set())  # a new zygote, lobby and spare; nothing of the old one
-            tally.recovered(0.0)
-            took = await chk.fresh_client()
+            await chk.fresh_client()
             tally.notes.append(f"served {time.monotonic() - t0:.2f}s after the kill")
             for j, (sid, key) in enumerate(made):
                 await _resume_has(c, key, [f"zygote {i} session {j}"], tally)
@@ -235,7 +234,7 @@ def _broker_kill(rig, tally: Tally, cycles: int) -> None:
     chk = Checker(gw, tally)
     keys: list[tuple[str, str]] = []
 
-    async def before_kill(i: int) -> list[Tracked]:
+    async def before_kill(i: int) -> None:
         await chk.processes(set())
         c = await Tracked.open(gw.url)
         for j in range(2):
@@ -243,11 +242,10 @@ def _broker_kill(rig, tally: Tally, cycles: int) -> None:
             keys.append((key, f"broker {i} session {j}"))
         chk.wire([c])
         chk.store([c])
-        return [c]
 
     async def after_restart() -> None:
         await chk.processes(set())
-        took = await chk.fresh_client()
+        await chk.fresh_client()
         c = await Tracked.open(gw.url)
         for key, text in keys:
             sid = await _resume_has(c, key, [text], tally)
@@ -256,7 +254,7 @@ def _broker_kill(rig, tally: Tally, cycles: int) -> None:
         await chk.finish([c])
 
     for i in range(cycles):
-        clients = run(before_kill(i))
+        run(before_kill(i))
         t0 = time.monotonic()
         gw.proc.send_signal(signal.SIGKILL)
         gw.proc.wait(5)
@@ -334,34 +332,34 @@ def test_slash_subprocess_sigkill(rig, tally):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_worker_sigkill_midturn_long(rig, gw, tally):
-    _worker_kill(rig, gw, tally, cycles=12)
+    _worker_kill(rig, gw, tally, cycles=20)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_worker_sigstop_sigcont_long(rig, gw, tally):
-    _worker_stop(rig, gw, tally, cycles=6)
+    _worker_stop(rig, gw, tally, cycles=8)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_spare_sigkill_midcreate_long(rig, gw, tally):
-    _spare_kill(rig, gw, tally, cycles=40)
+    _spare_kill(rig, gw, tally, cycles=60)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_zygote_sigkill_long(rig, gw, tally):
-    _zygote_kill(rig, gw, tally, cycles=6)
+    _zygote_kill(rig, gw, tally, cycles=10)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_broker_sigkill_long(rig, tally):
-    _broker_kill(rig, tally, cycles=5)
+    _broker_kill(rig, tally, cycles=8)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_slash_subprocess_sigkill_long(rig, tally):
-    _slash_kill(rig, tally, cycles=5)
+    _slash_kill(rig, tally, cycles=6)
