@@ -18,6 +18,7 @@ import time
 import psutil
 import pytest
 
+from supervisor import front
 from supervisor.config import Config
 from tests.client import Client, RpcFailed
 from tests.conftest import pid_alive, run, wait_for
@@ -428,7 +429,8 @@ time.sleep(3600)
 
 def test_ws_ping_timeout_detaches_a_client_that_stopped_answering(gateway_factory):
     defaults = Config()
-    assert defaults.ws_ping_interval + defaults.ws_ping_timeout <= 10  # a hung client is found in <= 10 s
+    # a hung client is found in <= 10 s: one interval, the pong timeout, then the close handshake timeout
+    assert defaults.ws_ping_interval + defaults.ws_ping_timeout + front.CLOSE_TIMEOUT <= 10
     gw = gateway_factory("--ws-ping-interval", "0.5", "--ws-ping-timeout", "0.5", "--reap-grace", "0.5")
     proc = subprocess.Popen([sys.executable, "-c", _BLACKHOLE_CLIENT, gw.url], stdout=subprocess.PIPE, text=True)
     try:
