@@ -65,11 +65,11 @@ class Broker:
         self.pending: dict[int, Pending] = {}
         self.clients: dict[int, Client] = {}
         self.reaps: Counter[str] = Counter()
-        self.stop_durations: list[float] = []
         self.accepting = True
         self.closing = False
         self.store_error: str = ""
         self.on_change: Callable[[], None] = lambda: None
+        self.on_worker_stopped: list[Callable[[str, float], None]] = []  # (reason, stop ladder seconds)
         self._rid = itertools.count(1)
         self._ident = itertools.count(1)
         self._reaper: asyncio.Task | None = None
@@ -490,8 +490,8 @@ class Broker:
             log.error("worker did not exit after SIGKILL", pid=w.pid)
             self._worker_gone(w, None)
         took = round(time.monotonic() - t0, 3)
-        self.stop_durations.append(took)
-        del self.stop_durations[:-1000]
+        for hook in self.on_worker_stopped:
+            hook(reason, took)
         self.reaps[reason] += 1
         log.info("worker stopped", session=s.sid if s else "", key=s.key if s else "", pid=w.pid, kind=w.kind,
                  reason=reason, detached_for=detached_for, ladder=step, took=took)

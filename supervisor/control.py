@@ -174,7 +174,7 @@ class ControlServer:
             "uptime": round(now - d.started_at, 3), "accepting": b.accepting, "closing": b.closing,
             "counts": b.counts(), "reaps": dict(b.reaps), "runtime_dir": d.paths.root,
             "port": d.front.port if d.front else None, "host": d.cfg.host,
-            "config": d.cfg.public(), "stops": len(b.stop_durations),
+            "config": d.cfg.public(), "stops": sum(b.reaps.values()),
         }
 
     def targets(self) -> list[tuple[int, float]]:

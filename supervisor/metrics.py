@@ -36,24 +36,6 @@ NS = "hermes_gateway"
 STOP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, float("inf"))
 
 
-class _ObservedList(list):
-    """Broker.stop_durations, observed: every append also lands in the cumulative histogram.
-
-    The broker keeps only the last 1000 durations (fine for a view, wrong for a
-    counter), so the histogram is fed as they arrive instead of derived from the list.
-    """
-
-    def __init__(self, items: list[float], histogram: Histogram) -> None:
-        super().__init__(items)
-        self.histogram = histogram
-        for x in items:
-            histogram.observe(x)
-
-    def append(self, x: float) -> None:
-        super().append(x)
-        self.histogram.observe(x)
-
-
 class GatewayCollector:
     def __init__(self, daemon: "Daemon", sampler: "Sampler") -> None:
         self.daemon = daemon
@@ -134,8 +116,7 @@ class Metrics:
         ProcessCollector(namespace=NS, registry=self.registry)
         self.stop_seconds = Histogram(f"{NS}_stop_duration_seconds", "Stop ladder durations (ask to reaped)",
                                       buckets=STOP_BUCKETS, registry=self.registry)
-        broker = daemon.broker
-        broker.stop_durations = _ObservedList(broker.stop_durations, self.stop_seconds)
+        daemon.broker.on_worker_stopped.append(lambda _reason, took: self.stop_seconds.observe(took))
 
     def install(self) -> None:
         assert self.daemon.front is not None
