@@ -172,8 +172,15 @@ def main(argv: list[str] | None = None) -> None:
     gc.freeze()  # forked children then share the preloaded heap instead of copying it on first GC
     try:
         zygote.serve()
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
     finally:
         zygote.kill_children()
+        # nothing to flush: skip interpreter teardown, whose atexit hooks and non-daemon threads
+        # (from preloaded modules such as Hermes') held a stopping gateway for seconds
+        os._exit(0)
 
 
 if __name__ == "__main__":
