@@ -204,6 +204,26 @@ def test_killed_worker_takes_its_slash_worker_with_it(gw):
     assert wait_for(end_reason, 10, what="the lobby to end the killed session's row") == "worker_exit"
 
 
+def test_workers_reuse_the_tool_definitions_the_fork_server_probed(gw):
+    """Hermes probes ~30 tools' availability once per process and caches the result; the fork server did it, so a
+    worker's agent build probes nothing (a probe logs 'check_fn ...' / 'Vision auto-detect' to agent.log)."""
+
+    async def go():
+        c = await Client.open(gw.url)
+        try:
+            sid = (await c.call("session.create", {"cols": 80}, timeout=20))["session_id"]
+            await c.turn(sid, "hello", timeout=60)
+            await c.call("session.close", {"session_id": sid}, timeout=20)
+        finally:
+            await c.close()
+
+    run(go(), 80)
+    log = gw.data_dir / "hermes-home" / "logs" / "agent.log"
+    text = wait_for(lambda: log.exists() and "OpenAI client created" in (t := log.read_text(errors="replace")) and t,
+                    10, what="the worker's agent to log to agent.log")
+    assert "check_fn" not in text and "Vision auto-detect" not in text
+
+
 def test_home_config_keeps_what_is_not_the_gateways(tmp_dirs):
     """Only `model:` is the gateway's: the TUI's config.set and `hermes setup` keep the rest; a key file others
     can read is refused; an unchanged config is not rewritten (the TUI polls its mtime)."""

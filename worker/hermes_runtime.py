@@ -12,12 +12,12 @@ matched to their call by a worker-local id, events are numbered (`seq`) and sent
 The session's runtime id and stored key are learnt from the `session.create` /
 `session.resume` response and sent to the broker as `bind`.
 
-Importing this module imports the heavy Hermes modules (and runs Hermes' environment
-probe), so the fork server pays for them once. Hermes starts two threads when
-`tui_gateway.server` is imported (an update-check prefetch and an idle reaper); a
-process that forks must not have threads, so every thread start during these imports
-is held back, to be made after the fork, in the worker — except those two, which a
-worker does not need (see _SKIPPED_THREADS).
+Importing this module imports the heavy Hermes modules, runs Hermes' environment probe
+and fills its tool-definition cache, so the fork server pays for them once. Hermes
+starts two threads when `tui_gateway.server` is imported (an update-check prefetch and
+an idle reaper); a process that forks must not have threads, so every thread start
+during these imports is held back, to be made after the fork, in the worker — except
+those two, which a worker does not need (see _SKIPPED_THREADS).
 """
 
 from __future__ import annotations
@@ -45,7 +45,44 @@ _WARM = (
     "agent.conversation_loop", "agent.agent_init", "agent.transports.chat_completions", "agent.title_generator",
     "agent.system_prompt", "agent.display", "agent.models_dev", "openai", "openai.resources", "openai.types.chat",
     "httpx", "httpcore", "aiohttp", "unittest.mock", "tui_gateway.synthetic_turn",
+    # what a worker still imported after the list above (sys.modules of a forked worker after create + one turn,
+    # diffed against the fork server's): 69 modules, ~3 MiB of USS and ~40 ms per session
+    "agent.agent_runtime_helpers", "agent.anthropic_adapter", "agent.aux_accounting", "agent.bounded_response",
+    "agent.chat_completion_helpers", "agent.coding_context", "agent.copilot_acp_client", "agent.errors",
+    "agent.gemini_native_adapter", "agent.gemini_schema", "agent.image_routing", "agent.kanban_stop",
+    "agent.rate_limit_tracker", "agent.reactions", "agent.ssl_guard", "agent.ssl_verify", "agent.stream_single_writer",
+    "agent.transports.anthropic", "agent.transports.bedrock", "agent.transports.codex", "agent.turn_finalizer",
+    "agent.verification_stop", "agent.verify_hooks", "edge_tts", "gateway.session_context", "glob",
+    "hermes_cli.mcp_startup", "hermes_cli.moa_config", "hermes_cli.model_normalize", "hermes_cli.profiles",
+    "hermes_cli.projects_db", "hermes_cli.sqlite_util", "packaging.specifiers", "packaging.tags", "packaging.version",
+    "psutil", "resource", "tools.computer_use.cua_backend", "tools.hook_output_spill", "tools.lazy_deps",
+    "tools.schema_sanitizer", "tui_gateway._stdin_recovery", "xml.sax",
 )
+
+
+def _warm_tool_definitions() -> None:
+    """Fill Hermes' per-process tool-definition cache here, once, as its own gateway does on its first session.
+
+    Building an agent asks `model_tools.get_tool_definitions()`, which probes every tool's availability
+    (~30 check functions: imports, config, the OpenRouter model list) and memoizes the result for the
+    process's lifetime, keyed by the toolsets, the registry generation and config.yaml's mtime. A worker
+    forked from here finds the entry for the same key and skips ~100-200 ms of probes per session; an
+    edited config.yaml changes the key and the worker probes again, as Hermes would. The probes' warnings
+    ("check_fn ... returned False") are the worker's business: here they are not printed to the gateway log."""
+    import logging
+
+    root = logging.getLogger()
+    quiet = logging.NullHandler()  # with a handler on the root, logging's last-resort stderr printer stays off
+    root.addHandler(quiet)
+    try:
+        import model_tools
+
+        model_tools.get_tool_definitions(enabled_toolsets=server._load_enabled_toolsets(), quiet_mode=True)
+    except Exception as exc:  # a warm-up only: the worker computes them itself
+        print(f"hermes-runtime: warming tool definitions failed: {exc}", file=sys.stderr, flush=True)
+    finally:
+        root.removeHandler(quiet)
+
 
 # -- import Hermes with thread starts held back (the fork server must stay single-threaded) --------
 _held: list[threading.Thread] = []
@@ -71,6 +108,7 @@ try:
         env_probe._probe_worker(env_probe._PROBE_GEN)  # what its probe thread runs, run synchronously
     except Exception as _exc:
         print(f"hermes-runtime: environment probe failed: {_exc}", file=sys.stderr, flush=True)
+    _warm_tool_definitions()
 finally:
     threading.Thread.start = _real_start  # type: ignore[method-assign]
 
