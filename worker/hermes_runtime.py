@@ -13,9 +13,9 @@ The session's runtime id and stored key are learnt from the `session.create` /
 `session.resume` response and sent to the broker as `bind`.
 
 Importing this module imports the heavy Hermes modules, runs Hermes' environment probe
-and fills its tool-definition cache, so the fork server pays for them once. Hermes
-starts two threads when `tui_gateway.server` is imported (an update-check prefetch and
-an idle reaper); a process that forks must not have threads, so every thread start
+and fills its tool-definition and config caches, so the fork server pays for them once.
+Hermes starts two threads when `tui_gateway.server` is imported (an update-check prefetch
+and an idle reaper); a process that forks must not have threads, so every thread start
 during these imports is held back, to be made after the fork, in the worker — except
 those two, which a worker does not need (see _SKIPPED_THREADS).
 """
@@ -60,14 +60,15 @@ _WARM = (
 )
 
 
-def _warm_tool_definitions() -> None:
-    """Fill Hermes' per-process tool-definition cache here, once, as its own gateway does on its first session.
+def _warm_caches() -> None:
+    """Fill Hermes' per-process caches here, once, as its own gateway does on its first session.
 
     Building an agent asks `model_tools.get_tool_definitions()`, which probes every tool's availability
     (~30 check functions: imports, config, the OpenRouter model list) and memoizes the result for the
-    process's lifetime, keyed by the toolsets, the registry generation and config.yaml's mtime. A worker
-    forked from here finds the entry for the same key and skips ~100-200 ms of probes per session; an
-    edited config.yaml changes the key and the worker probes again, as Hermes would. The probes' warnings
+    process's lifetime, keyed by the toolsets, the registry generation and config.yaml's mtime; and
+    `session.create` parses config.yaml (`_load_cfg`, cached on its mtime). A worker forked from here finds
+    both for the same key and skips ~100-200 ms of probes and a YAML parse per session; an edited
+    config.yaml changes the key and the worker reads it again, as Hermes would. The probes' warnings
     ("check_fn ... returned False") are the worker's business: here they are not printed to the gateway log."""
     import logging
 
@@ -77,9 +78,10 @@ def _warm_tool_definitions() -> None:
     try:
         import model_tools
 
+        server._load_cfg()
         model_tools.get_tool_definitions(enabled_toolsets=server._load_enabled_toolsets(), quiet_mode=True)
     except Exception as exc:  # a warm-up only: the worker computes them itself
-        print(f"hermes-runtime: warming tool definitions failed: {exc}", file=sys.stderr, flush=True)
+        print(f"hermes-runtime: warming Hermes' caches failed: {exc}", file=sys.stderr, flush=True)
     finally:
         root.removeHandler(quiet)
 
@@ -108,7 +110,7 @@ try:
         env_probe._probe_worker(env_probe._PROBE_GEN)  # what its probe thread runs, run synchronously
     except Exception as _exc:
         print(f"hermes-runtime: environment probe failed: {_exc}", file=sys.stderr, flush=True)
-    _warm_tool_definitions()
+    _warm_caches()
 finally:
     threading.Thread.start = _real_start  # type: ignore[method-assign]
 
