@@ -39,5 +39,17 @@ chaos: $(TSTAMP)
 bench: $(STAMP)
 	$(PY) bench/latency.py
 
+# issue 8: A = Hermes' own gateway, B = --runtime hermes, C = builtin + openai agent, same workload, ~10 min;
+# needs only the `hermes` extra; writes bench/compare_hermes.json and its section of docs/performance.md
+HSTAMP := $(VENV)/.installed-hermes
+$(HSTAMP): $(STAMP) pyproject.toml
+	$(PY) -c 'import importlib.metadata as m; assert m.version("hermes-agent") == "0.19.0"' 2>/dev/null || \
+	  $(PY) -m pip install -q -e '.[hermes]'
+	touch $(HSTAMP)
+
+.PHONY: bench-compare
+bench-compare: $(HSTAMP)
+	$(PY) bench/compare_hermes.py --json bench/compare_hermes.json > /dev/null
+
 clean:
 	rm -rf $(VENV) build *.egg-info
