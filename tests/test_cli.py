@@ -231,17 +231,22 @@ def test_bad_subcommand_and_version():
 
 
 # -- `make run`: the installed binary, no flags, embedded defaults -------------------
+def _outside_make() -> dict:
+    """The environment of a person at a shell: under `make test` a nested make would print its directory."""
+    return {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+
+
 def test_make_run_invokes_the_installed_binary_without_flags():
     """`make run` would serve on 9119 forever; check what it runs instead (make -n, the venv counted as built)."""
     proc = subprocess.run(["make", "-n", "-o", ".venv/.installed", "run"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=20)
+                          timeout=20, env=_outside_make())
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     assert lines == [".venv/bin/hermes-gateway run"], lines
     assert (ROOT / ".venv" / "bin" / "hermes-gateway").resolve() == (BIN / "hermes-gateway").resolve()
     # and from a fresh clone it first builds the venv and installs the project into it
     fresh = subprocess.run(["make", "-n", "-W", "pyproject.toml", "run"], cwd=ROOT, capture_output=True, text=True,
-                           timeout=20)
+                           timeout=20, env=_outside_make())
     out = fresh.stdout
     assert "-m venv .venv" in out and "pip install" in out and "-e '.[test]'" in out
     assert out.strip().splitlines()[-1] == ".venv/bin/hermes-gateway run"
