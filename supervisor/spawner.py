@@ -9,7 +9,6 @@ without polling.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import subprocess
 import sys

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import threading
+import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from protocol import frames, jsonrpc
 from protocol.jsonrpc import RpcError
@@ -65,3 +66,22 @@ class Call:
 
     def fail_with(self, exc: RpcError) -> None:
         self.fail(exc.code, exc.message)
+
+
+def dispatch(handlers: dict[str, Callable[[Call], None]], call: Call) -> None:
+    """Run one call's handler; every failure becomes that call's JSON-RPC error and nothing else."""
+    from worker.store import StoreError
+
+    handler = handlers.get(call.method)
+    if handler is None:
+        call.fail(jsonrpc.METHOD_NOT_FOUND, f"unknown method: {call.method}")
+        return
+    try:
+        handler(call)
+    except RpcError as exc:
+        call.fail_with(exc)
+    except StoreError as exc:
+        call.fail(jsonrpc.STORE_UNAVAILABLE, f"session store unavailable: {exc}")
+    except Exception as exc:  # one bad call answers -32603 and nothing else is affected
+        traceback.print_exc()
+        call.fail(jsonrpc.INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}")

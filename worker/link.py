@@ -43,16 +43,14 @@ class Link:
     def post(self, data: bytes) -> None:
         """Thread-safe: queue one frame for the main loop to send."""
         self._outbox.put(data)
-        if not self._poked.is_set():
-            self._poked.set()
-            try:
-                os.write(self._wake_w, b"x")
-            except BlockingIOError:
-                pass
+        self._wake()
 
     def post_event(self, seq: int, type_: str, text: bytes) -> None:
         """Thread-safe: queue one session event; consecutive ones leave as one frame (see _flush)."""
         self._outbox.put((seq, type_, text))
+        self._wake()
+
+    def _wake(self) -> None:
         if not self._poked.is_set():
             self._poked.set()
             try:

@@ -6,9 +6,9 @@ import os
 import time
 from typing import Callable
 
-from protocol.jsonrpc import BAD_VALUE, INTERNAL_ERROR, METHOD_NOT_FOUND, STORE_UNAVAILABLE, RpcError
+from protocol.jsonrpc import BAD_VALUE, STORE_UNAVAILABLE, RpcError
 from worker import commands
-from worker.channel import Call
+from worker.channel import Call, dispatch
 from worker.store import Store, StoreError
 
 _CONFIG_MTIME = time.time()
@@ -38,18 +38,7 @@ class LobbyRuntime:
         }
 
     def handle(self, call: Call) -> None:
-        handler = self.handlers.get(call.method)
-        if handler is None:
-            call.fail(METHOD_NOT_FOUND, f"unknown method: {call.method}")
-            return
-        try:
-            handler(call)
-        except RpcError as exc:
-            call.fail_with(exc)
-        except StoreError as exc:
-            call.fail(STORE_UNAVAILABLE, f"session store unavailable: {exc}")
-        except Exception as exc:
-            call.fail(INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}")
+        dispatch(self.handlers, call)
 
     def meta(self) -> dict:
         # persistence off (--persist false) is not a broken store: sessions still start, in memory only

@@ -13,16 +13,16 @@ import queue
 import secrets
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from protocol import __version__, ids
 from protocol.jsonrpc import (
-    BAD_VALUE, INTERNAL_ERROR, METHOD_NOT_FOUND, SESSION_BUSY, SESSION_NOT_FOUND, STORE_UNAVAILABLE,
+    BAD_VALUE, SESSION_BUSY, SESSION_NOT_FOUND, STORE_UNAVAILABLE,
     STORED_SESSION_NOT_FOUND, RpcError,
 )
 from worker import commands
 from worker.agents import Agent, TurnResult, make_agent
-from worker.channel import Call, Channel
+from worker.channel import Call, Channel, dispatch
 from worker.poller import Completion, NotificationPoller
 from worker.slash import SlashWorker
 from worker.store import Store, StoreError
@@ -87,24 +87,10 @@ class SessionRuntime:
 
     # -- dispatch -------------------------------------------------------------
     def handle(self, call: Call) -> None:
-        handler = self.handlers.get(call.method)
-        if handler is None:
-            call.fail(METHOD_NOT_FOUND, f"unknown method: {call.method}")
-            return
-        if self.sid is None and call.method not in ("session.create", "session.resume"):
+        if self.sid is None and call.method not in ("session.create", "session.resume") and call.method in self.handlers:
             call.fail(SESSION_NOT_FOUND, "session not found")
             return
-        try:
-            handler(call)
-        except RpcError as exc:
-            call.fail_with(exc)
-        except StoreError as exc:
-            call.fail(STORE_UNAVAILABLE, f"session store unavailable: {exc}")
-        except Exception as exc:  # one bad call answers -32603 and nothing else is affected
-            import traceback
-
-            traceback.print_exc()
-            call.fail(INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}")
+        dispatch(self.handlers, call)
 
     def _need_store(self) -> Store:
         if self.store is None:
