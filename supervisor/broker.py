@@ -75,6 +75,8 @@ class Broker:
         self._reaper: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._lobby_backoff = 0.0
+        self._noisy = log.Throttled()  # what a rogue local peer can provoke at will
+        self.dropped_frames: Counter[str] = Counter()  # why: parts | malformed | unknown_peer | wrong_pid
         self._trim_at = 0.0  # when to hand freed memory back to the OS, after workers went
         self._end_notes: deque[bytes] = deque(maxlen=10_000)  # `ended` frames waiting for a lobby
         self.ctx = zmq.Context(io_threads=1)
@@ -166,17 +168,20 @@ class Broker:
                 log.warning("router receive failed", error=str(exc))
                 return
             if len(parts) != 2:
-                log.warning("dropped frame with unexpected parts", parts=len(parts))
+                self.dropped_frames["parts"] += 1
+                self._noisy.warning("dropped frame with unexpected parts", parts=len(parts))
                 continue
             ident, data = parts
             try:
                 frame = frames.unpack(data)
             except frames.FrameError as exc:
-                log.warning("dropped bad frame", peer=ident[:40].hex(), error=str(exc))
+                self.dropped_frames["malformed"] += 1
+                self._noisy.warning("dropped bad frame", peer=ident[:40].hex(), error=str(exc))
                 continue
             worker = self.workers.get(ident)
             if worker is None:
-                log.warning("dropped frame from unknown peer", peer=ident[:40].hex(), kind=frame["k"])
+                self.dropped_frames["unknown_peer"] += 1
+                self._noisy.warning("dropped frame from unknown peer", peer=ident[:40].hex(), kind=frame["k"])
                 continue
             try:
                 self._on_frame(worker, frame)
@@ -225,7 +230,8 @@ class Broker:
 
     def _on_hello(self, w: Worker, frame: dict) -> None:
         if w.pid and frame["pid"] != w.pid:
-            log.warning("hello with a different pid; ignored", expected=w.pid, got=frame["pid"])
+            self.dropped_frames["wrong_pid"] += 1
+            self._noisy.warning("hello with a different pid; ignored", expected=w.pid, got=frame["pid"])
             return
         log.debug("worker registered", pid=frame["pid"], kind=w.kind, ident=w.ident.decode(errors="replace"))
         w.ready = True

@@ -175,6 +175,7 @@ class ControlServer:
             "counts": b.counts(), "reaps": dict(b.reaps), "runtime_dir": d.paths.root,
             "port": d.front.port if d.front else None, "host": d.cfg.host,
             "config": d.cfg.public(), "stops": sum(b.reaps.values()),
+            "dropped_frames": dict(b.dropped_frames),
         }
 
     def targets(self) -> list[tuple[int, float]]:

@@ -19,6 +19,7 @@ from supervisor.broker import Broker, Client
 from supervisor.table import Session, Worker
 
 Sink = Callable[[str | bytes], None]
+START_TRIES = 3  # workers a create/resume may go through when they die before answering
 
 
 class Gateway:
@@ -128,22 +129,31 @@ class Gateway:
 
     async def _start_in_spare(self, client: Client, rid: Any, method: str, params: dict, sink: Sink | None,
                               close_on_disconnect: bool = False) -> None:
-        """Hand a create/resume to a spare worker; bind and attach when it answers."""
+        """Hand a create/resume to a spare worker; bind and attach when it answers.
+
+        A worker that dies before answering costs the client nothing: the call goes to the
+        next spare (up to START_TRIES workers), and only the last failure is reported.
+        """
         b = self.broker
         try:
-            w = await b.take_spare(refill=False)
-        except RuntimeError as exc:
-            b.refill()
-            raise RpcError(jsonrpc.AGENT_INIT_FAILED, f"could not start a session worker: {exc}") from None
-        try:
-            await self._hand_to(w, client, rid, method, params, sink, close_on_disconnect)
+            for attempt in range(1, START_TRIES + 1):
+                try:
+                    w = await b.take_spare(refill=False)
+                except RuntimeError as exc:
+                    raise RpcError(jsonrpc.AGENT_INIT_FAILED, f"could not start a session worker: {exc}") from None
+                if await self._hand_to(w, client, rid, method, params, sink, close_on_disconnect,
+                                       last_try=attempt == START_TRIES):
+                    return
+                log.warning("session worker died before answering; trying another", method=method, pid=w.pid,
+                            attempt=attempt)
         finally:
             asyncio.get_running_loop().call_soon(b.refill)  # the next spare is forked once this call is answered
 
     async def _hand_to(self, w: Worker, client: Client, rid: Any, method: str, params: dict, sink: Sink | None,
-                       close_on_disconnect: bool) -> None:
+                       close_on_disconnect: bool, last_try: bool) -> bool:
+        """False when the worker died before answering and the call may be retried elsewhere."""
         b = self.broker
-        done = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
         def on_reply(frame: dict) -> None:
             bind = frame.get("bind")
@@ -156,13 +166,17 @@ class Gateway:
                     b.attach(client, s)
                 else:
                     s.detached_at = time.monotonic()
+            elif "failed" in frame and not last_try:
+                if not done.done():
+                    done.set_result(False)
+                return
             else:
                 if sink is not None:
                     sink(frame["json"])
                 if "failed" not in frame:
                     b.release_spare(w)
             if not done.done():
-                done.set_result(None)
+                done.set_result(True)
 
         try:
             sent = b.forward(w, method, params, rid, sink, on_reply)
@@ -172,7 +186,7 @@ class Gateway:
         if not sent:
             b.release_spare(w)
             raise RpcError(jsonrpc.AGENT_INIT_FAILED, "could not reach the new session worker")
-        await done
+        return await done
 
     async def create(self, client: Client, rid: Any, params: dict, sink: Sink | None) -> None:
         await self._capacity()

@@ -65,3 +65,31 @@ def error(name: str, **fields) -> None:
 
 def debug(name: str, **fields) -> None:
     event(name, logging.DEBUG, **fields)
+
+
+class Throttled:
+    """At most `burst` lines per `window` seconds for an event a local peer can provoke at will.
+
+    The first line after a quiet spell says how many were suppressed, so nothing is hidden
+    for long and a flood of forged frames cannot fill the journal.
+    """
+
+    def __init__(self, burst: int = 10, window: float = 10.0) -> None:
+        self.burst = burst
+        self.window = window
+        self._start = 0.0
+        self._count = 0
+        self.suppressed = 0
+
+    def warning(self, name: str, **fields) -> None:
+        now = time.monotonic()
+        if now - self._start >= self.window:
+            self._start, self._count = now, 0
+        self._count += 1
+        if self._count > self.burst:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            fields["suppressed_since_last"] = self.suppressed
+            self.suppressed = 0
+        warning(name, **fields)
