@@ -88,6 +88,11 @@ def kill_leftovers(entries: list[JournalEntry]) -> list[JournalEntry]:
     for entry in sorted(entries, key=lambda e: e.kind == "zygote"):
         proc = still_running(entry)
         if proc is None:
+            if (entry.kind != "zygote" and entry.pgid == entry.pid and not psutil.pid_exists(entry.pid)
+                    and orphaned_members(entry)):
+                # the worker died with the zygote, but what it started lives on in its group
+                _kill_group(entry.pgid)
+                killed.append(entry)
             continue
         try:
             if entry.pgid != entry.pid or entry.pgid == own_group:
@@ -100,3 +105,23 @@ def kill_leftovers(entries: list[JournalEntry]) -> list[JournalEntry]:
                 continue
         killed.append(entry)
     return killed
+
+
+def orphaned_members(entry: JournalEntry) -> list[psutil.Process]:
+    """Live processes still in a dead worker's group, started after the worker (so never a reused pgid)."""
+    members = []
+    for proc in psutil.process_iter(["pid", "create_time"]):
+        try:
+            if (proc.info["create_time"] >= entry.create_time - 0.01 and proc.pid != os.getpid()
+                    and os.getpgid(proc.pid) == entry.pgid and proc.status() != psutil.STATUS_ZOMBIE):
+                members.append(proc)
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    return members
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

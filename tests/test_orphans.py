@@ -155,3 +155,40 @@ def test_a_restarted_broker_after_sigkill_starts_clean_on_the_same_dirs(gateway_
     res = run(resume(second))
     assert [m["text"] for m in res["messages"]] == ["remember me", "remember me"]
     assert not set(second.workers()) & old
+
+
+def _orphaned_group(tag: str) -> tuple[int, psutil.Process]:
+    """A group whose leader already exited and whose child (reparented) lives on: a worker killed with its zygote."""
+    leader = subprocess.Popen(["sh", "-c", f"sleep {tag} & exit 0"], start_new_session=True, stdin=subprocess.DEVNULL)
+    leader.wait(5)
+    kid = wait_for(lambda: [p for p in psutil.process_iter(["cmdline"])
+                            if p.info["cmdline"] == ["sleep", tag]], 5, what="the orphaned child")[0]
+    assert os.getpgid(kid.pid) == leader.pid
+    return leader.pid, kid
+
+
+def test_restart_kills_what_a_dead_worker_left_in_its_group(gateway_factory, tmp_dirs):
+    """Broker and zygote killed together: the worker died, its child did not; the next broker finds it by group."""
+    data = tmp_dirs / "data"
+    data.mkdir(mode=0o700)
+    pgid, kid = _orphaned_group("305")
+    decoy_pgid, decoy = _orphaned_group("306")
+    try:
+        rows = [
+            {"pid": pgid, "create_time": kid.create_time() - 1, "pgid": pgid, "kind": "session", "session": "k1"},
+            # recorded as created after the decoy's member: the group id was reused, never to be touched
+            {"pid": decoy_pgid, "create_time": decoy.create_time() + 100, "pgid": decoy_pgid, "kind": "session",
+             "session": "k2"},
+        ]
+        (data / "workers.json").write_text(json.dumps(rows))
+        gw = gateway_factory(data_dir=data)
+        wait_for(lambda: not pid_alive(kid.pid), 5, what="the dead worker's child")
+        assert pid_alive(decoy.pid), "a member older than the recorded worker was killed"
+        assert any("killed a worker left by a previous broker" in ln and f"pid={pgid}" in ln
+                   for ln in gw.log().splitlines())
+    finally:
+        for p in (kid, decoy):
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
