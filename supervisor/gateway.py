@@ -184,8 +184,10 @@ class Gateway:
             b.release_spare(w)  # the call never reached the worker: it must not stay claimed and unreaped
             raise
         if not sent:
-            b.release_spare(w)
-            raise RpcError(jsonrpc.AGENT_INIT_FAILED, "could not reach the new session worker")
+            # unreachable means gone: its exit report (or the heartbeat check) cleans it up; never re-pool it
+            if last_try:
+                raise RpcError(jsonrpc.AGENT_INIT_FAILED, "could not reach a new session worker")
+            return False
         return await done
 
     async def create(self, client: Client, rid: Any, params: dict, sink: Sink | None) -> None:
