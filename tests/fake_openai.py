@@ -77,6 +77,9 @@ class Record:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    # socketserver's default listen backlog is 5: ten agents connecting at once overflowed it now and then,
+    # and the kernel's SYN retry added a whole second to one of them (seen in bench/compare_hermes.py)
+    request_queue_size = 128
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that resets an idle keep-alive connection is normal here; anything else is printed."""
