@@ -487,13 +487,17 @@ def machine() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.splitlines()
+        dirty = sorted(line[3:] for line in status if line[3:].endswith(".py"))
     except OSError:
-        commit = ""
+        commit, dirty = "", []
     return {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": cpu, "cores": os.cpu_count(),
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
             "os": f"{platform.system()} {platform.release()}",
-            "hermes_agent": importlib.metadata.version("hermes-agent"), "commit": commit}
+            "hermes_agent": importlib.metadata.version("hermes-agent"), "commit": commit,
+            "uncommitted_py": dirty}
 
 
 # (label, path in a gateway's document, unit, rule for B against A)
@@ -646,12 +650,22 @@ WHY = {
     "connect → gateway.ready": (
         "**Connect.** Both answer the WebSocket upgrade and send gateway.ready from one process; differences are "
         "the servers' (uvicorn + FastAPI in A, websockets in B)."),
-    "gateway RSS kept (after grace − warm-up)": (
-        "**RSS kept.** B's broker grew over the soak and did not return to its warm-up value."),
+    "gateway RSS kept (after grace − warm-up)": None,  # rss_note()
     "session processes left after the grace window": (
         "**Leftovers.** B still had session processes after the grace window."),
     "sessions listed after the grace window": None,
 }
+
+
+def rss_note(doc: dict) -> str:
+    g = doc["gateways"]
+    kept = {k: g[k]["soak"]["rss_delta_mib"] for k in ("A", "B", "C") if k in g}
+    samples = ", ".join(f"{s['gateway_rss_mib']:g}" for s in g["B"]["soak"]["samples"])
+    return (f"**RSS kept.** B's broker ended {kept['B']:g} MiB above its warm-up RSS"
+            + (f" (C, the same broker with other workers: {kept['C']:g} MiB)" if "C" in kept else "")
+            + f", over the 2 MiB the issue allows; its samples were {samples} MiB. That is the broker process "
+            "alone (every session's memory went with its worker); A kept "
+            + (f"{kept['A']:g} MiB." if "A" in kept else "its own."))
 
 
 def _per_kind(g: dict, kind: str) -> float:
@@ -695,6 +709,8 @@ def closing_note(doc: dict, lost: list[str]) -> str:
         text = WHY.get(key)
         if key == "USS per session" or (key == "PSS per session" and "USS per session" not in keys):
             text = memory_note(doc)
+        elif key == "gateway RSS kept (after grace − warm-up)":
+            text = rss_note(doc)
         elif key == "concurrency":
             cpu = {k: doc["gateways"][k]["concurrency"].get("cpu_ms_per_turn") for k in ("A", "B")}
             text = (f"**Concurrency.** {n} turns at once on {doc['machine']['cores']} cores are bound by the CPU: "
@@ -716,12 +732,14 @@ def markdown(doc: dict) -> str:
         BEGIN,
         "## Side by side with Hermes' own gateway (issue 8)",
         "",
-        f"`make bench-compare` (bench/compare_hermes.py), {m['date']}, commit {m['commit']}: {m['cpu']}, "
+        f"`make bench-compare` (bench/compare_hermes.py), {m['date']}, commit {m['commit']}"
+        + (f" plus uncommitted changes to {', '.join(m['uncommitted_py'])} (the shared work tree)"
+           if m.get("uncommitted_py") else "") + f": {m['cpu']}, "
         f"{m['cores']} cores, {m['memory_gib']} GiB, {m['os']}, Python {m['python']}, hermes-agent "
         f"{m['hermes_agent']}; load average at start {m['loadavg_at_start']} (other work shares this machine).",
         "",
         f"One after the other on loopback ports, the same fake OpenAI-compatible server (its own process, "
-        f"{p['delay'] * 1000:g} ms per streamed token, an {len(REPLY.split())}-word reply) and the same client "
+        f"{p['delay'] * 1000:g} ms per streamed token, a reply of {len(REPLY.split())} words) and the same client "
         f"(tests/client.py). Refresh soak: {p['cycles']} cycles of connect → session.create → one prompt "
         f"(to message.complete) → abrupt close, sampled after a 3-cycle warm-up, every {p['sample_every']} cycles "
         f"and after the grace window ({graces}). Per session: {p['sessions']} live attached sessions (one "
