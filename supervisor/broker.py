@@ -116,6 +116,7 @@ class Broker:
             os.environ.update(prepare(self.cfg.worker_config()))  # Hermes reads HERMES_HOME in the fork server
         self.spawner.start()
         self.journal.add(JournalEntry(self.spawner.pid, _create_time(self.spawner.pid), os.getpgid(0), "zygote"))
+        self.journal.flush()
         self.lobby = self.spawn("lobby")
         self.refill()
         self._reaper = asyncio.create_task(self._reap_loop(), name="reaper")
@@ -214,9 +215,10 @@ class Broker:
             for seq, type_, data in frame["items"]:
                 self._on_event(w, {"seq": seq, "type": type_, "json": data}, now)
         elif kind == frames.RES:
-            pending = self.pending.pop(frame["rid"], None)
-            if pending is None:
-                return
+            pending = self.pending.get(frame["rid"])
+            if pending is None or pending.worker is not w:
+                return  # only the worker a call went to may answer it
+            del self.pending[frame["rid"]]
             if pending.on_reply is not None:
                 pending.on_reply(frame)
             elif pending.sink is not None:
@@ -296,7 +298,13 @@ class Broker:
 
     def _on_spawned(self, ident: bytes, pid: int) -> None:
         w = self.workers.get(ident)
-        if w is None:
+        if w is None:  # given up on before its fork was reported: it must not live on unjournaled
+            log.warning("killing a worker forked after it was given up", pid=pid)
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             return
         w.pid = pid
         w.create_time = _create_time(pid)
@@ -308,6 +316,8 @@ class Broker:
         log.error("worker spawn failed", error=message)
         if w is not None:
             self._forget(w)
+            if w is self.lobby and not self.closing:
+                self._restart_lobby(w)
             if w.hello and not w.hello.done():
                 w.hello.set_exception(RuntimeError(message))
                 w.hello.exception()
@@ -344,7 +354,7 @@ class Broker:
         try:
             await asyncio.wait_for(asyncio.shield(w.hello), HELLO_TIMEOUT)
         except asyncio.TimeoutError:
-            self._task(self.stop(w, "spawn_timeout"))
+            self.begin_stop(w, "spawn_timeout")
             raise RuntimeError("the new worker did not register in time") from None
         finally:
             if refill:
@@ -359,7 +369,7 @@ class Broker:
         if len(self.spares) + self.spawning_spares() < self.cfg.warm_pool and self.accepting:
             self.spares.append(w)
         else:
-            self._task(self.stop(w, "surplus"))
+            self.begin_stop(w, "surplus")
 
     # -- calls ----------------------------------------------------------------
     def forward(self, w: Worker, method: str, params: dict, client_id: Any,
@@ -386,6 +396,9 @@ class Broker:
 
     # -- sessions: bind, attach, detach --------------------------------------
     def bind(self, w: Worker, sid: str, key: str, meta: dict) -> Session:
+        """Record the session a worker took; ids already live elsewhere are refused (ValueError)."""
+        if sid in self.sessions or (key and key in self.by_key):
+            raise ValueError(f"worker pid {w.pid} claimed a session id or key that is already live")
         s = Session(sid=sid, key=key, worker=w)
         w.kind = "session"
         w.session = s
@@ -454,16 +467,21 @@ class Broker:
             s.delivered_seq = s.worker.seq  # or a later re-attach would replay it a second time
 
     # -- stopping -------------------------------------------------------------
+    def begin_stop(self, w: Worker, reason: str) -> asyncio.Task:
+        """Mark the worker stopping now, so no call can re-attach it, and run its stop ladder once."""
+        if w.ladder is None:
+            w.stopping = reason
+            w.state = "closing"
+            if w in self.spares:
+                self.spares.remove(w)
+            w.ladder = self._task(self._ladder(w, reason))
+        return w.ladder
+
     async def stop(self, w: Worker, reason: str) -> None:
         """The stop ladder: ask -> SIGTERM the group -> SIGKILL the group -> reaped."""
-        if w.stopping:
-            if w.exited is not None:
-                await asyncio.shield(w.exited)
-            return
-        w.stopping = reason
-        w.state = "closing"
-        if w in self.spares:
-            self.spares.remove(w)
+        await asyncio.shield(self.begin_stop(w, reason))
+
+    async def _ladder(self, w: Worker, reason: str) -> None:
         s = w.session
         detached_for = round(time.monotonic() - s.detached_at, 3) if s and s.detached_at else 0.0
         t0 = time.monotonic()
@@ -632,13 +650,14 @@ class Broker:
 
     def tick(self, now: float) -> None:
         """Apply the rules (decided by rules.plan_tick, testable without a loop) to every worker and session."""
+        self.journal.flush()
         for w, reason in plan_tick(self.workers.values(), self.sessions.values(), now, self.limits, HELLO_TIMEOUT):
             if not w.ready:
                 log.error("worker never registered", pid=w.pid, kind=w.kind)
             elif reason == "heartbeat_lost":
                 log.warning("worker heartbeat lost", pid=w.pid, kind=w.kind,
                             silent_for=round(now - w.last_heartbeat, 2))
-            self._task(self.stop(w, reason))
+            self.begin_stop(w, reason)
 
     def _check(self, s: Session, now: float) -> None:
         if s.worker.stopping:
@@ -646,7 +665,7 @@ class Broker:
         reason = reap_reason(attached=len(s.attached), detached_at=s.detached_at, last_active=s.last_active,
                              state=s.state, close_on_disconnect=s.close_on_disconnect, now=now, limits=self.limits)
         if reason is not None:
-            self._task(self.stop(s.worker, reason))
+            self.begin_stop(s.worker, reason)
 
     # -- views ----------------------------------------------------------------
     def counts(self) -> dict[str, int]:

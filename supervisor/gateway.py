@@ -20,6 +20,7 @@ from supervisor.table import Session, Worker
 
 Sink = Callable[[str | bytes], None]
 START_TRIES = 3  # workers a create/resume may go through when they die before answering
+START_DEADLINE = 60.0  # s a worker has to answer create/resume (the hermes runtime builds an agent)
 
 
 class Gateway:
@@ -118,14 +119,13 @@ class Gateway:
         if b.store_error:
             raise RpcError(jsonrpc.STORE_UNAVAILABLE,
                            f"session store unusable, refusing to create sessions: {b.store_error}")
-        if b.session_count() < b.cfg.max_workers:
-            return
-        victim = next((b.sessions[sid] for sid in _eviction(b)), None)
-        if victim is None:
-            raise RpcError(jsonrpc.NO_CAPACITY,
-                           f"no capacity: {b.cfg.max_workers} sessions are live and none is detached and idle "
-                           "(close one, or raise --max-workers)")
-        await b.stop(victim.worker, "evicted")
+        while b.session_count() >= b.cfg.max_workers:  # again after each eviction: a racing create may take the slot
+            victim = next((b.sessions[sid] for sid in _eviction(b)), None)
+            if victim is None:
+                raise RpcError(jsonrpc.NO_CAPACITY,
+                               f"no capacity: {b.cfg.max_workers} sessions are live and none is detached and idle "
+                               "(close one, or raise --max-workers)")
+            await b.stop(victim.worker, "evicted")
 
     async def _start_in_spare(self, client: Client, rid: Any, method: str, params: dict, sink: Sink | None,
                               close_on_disconnect: bool = False) -> None:
@@ -158,7 +158,16 @@ class Gateway:
         def on_reply(frame: dict) -> None:
             bind = frame.get("bind")
             if isinstance(bind, dict) and isinstance(bind.get("sid"), str) and bind["sid"]:
-                s = b.bind(w, bind["sid"], str(bind.get("key") or ""), bind)
+                try:
+                    s = b.bind(w, bind["sid"], str(bind.get("key") or ""), bind)
+                except ValueError as exc:
+                    log.error("refused a session bind", error=str(exc))
+                    b.begin_stop(w, "surplus")
+                    if sink is not None:
+                        sink(jsonrpc.error(rid, jsonrpc.RESUME_FAILED, "the session worker misbehaved; try again"))
+                    if not done.done():
+                        done.set_result(True)
+                    return
                 s.close_on_disconnect = close_on_disconnect
                 if sink is not None:
                     sink(frame["json"])
@@ -174,7 +183,8 @@ class Gateway:
                 if sink is not None:
                     sink(frame["json"])
                 if "failed" not in frame:
-                    b.release_spare(w)
+                    # it answered without taking a session, maybe half-way through building one: never re-pool it
+                    b.begin_stop(w, "surplus")
             if not done.done():
                 done.set_result(True)
 
@@ -188,13 +198,18 @@ class Gateway:
             if last_try:
                 raise RpcError(jsonrpc.AGENT_INIT_FAILED, "could not reach a new session worker")
             return False
-        return await done
+        try:
+            return await asyncio.wait_for(asyncio.shield(done), START_DEADLINE)
+        except asyncio.TimeoutError:
+            b.begin_stop(w, "spawn_timeout")  # its pending call is failed when it exits: the client gets that
+            raise RpcError(jsonrpc.AGENT_INIT_FAILED,
+                           f"the session worker did not answer {method} within {START_DEADLINE:g}s") from None
 
     async def create(self, client: Client, rid: Any, params: dict, sink: Sink | None) -> None:
-        await self._capacity()
         cod = params.get("close_on_disconnect", False)
         if not isinstance(cod, bool):
             raise RpcError(jsonrpc.INVALID_PARAMS, "close_on_disconnect must be a boolean")
+        await self._capacity()
         await self._start_in_spare(client, rid, "session.create", params, sink, close_on_disconnect=cod)
 
     async def resume(self, client: Client, rid: Any, params: dict, sink: Sink | None) -> None:
@@ -204,18 +219,19 @@ class Gateway:
         target = target.strip()
         while target in self._resuming:  # one worker per stored key, even under racing resumes
             await asyncio.shield(self._resuming[target])
-        s = self.broker.find(target) or self.broker.find_by_title(target)
-        if s is not None and not s.worker.stopping:
-            self._reattach(client, s, "session.resume", rid, params, sink)
-            return
-        if s is not None:
-            await self.broker.stop(s.worker, s.worker.stopping or "client_close")
-        await self._capacity()
-        self._resuming[target] = asyncio.get_running_loop().create_future()
+        claim = self._resuming[target] = asyncio.get_running_loop().create_future()  # before any await
         try:
+            s = self.broker.find(target) or self.broker.find_by_title(target)
+            if s is not None and not s.worker.stopping:
+                self._reattach(client, s, "session.resume", rid, params, sink)
+                return
+            if s is not None:
+                await self.broker.stop(s.worker, s.worker.stopping or "client_close")
+            await self._capacity()
             await self._start_in_spare(client, rid, "session.resume", params, sink)
         finally:
-            self._resuming.pop(target).set_result(None)
+            del self._resuming[target]
+            claim.set_result(None)
 
     def _reattach(self, client: Client, s: Session, method: str, rid: Any, params: dict, sink: Sink | None) -> None:
         """Warm re-attach: the same worker answers with its snapshot; then the client gets what it missed."""

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import psutil
 
+from supervisor import log
+
 
 @dataclass(slots=True)
 class JournalEntry:
@@ -28,6 +30,8 @@ class Journal:
     def __init__(self, path: str) -> None:
         self.path = path
         self.entries: dict[int, JournalEntry] = {}
+        self.dirty = False
+        self._failing = False
 
     def load(self) -> list[JournalEntry]:
         try:
@@ -44,24 +48,43 @@ class Journal:
             json.dump([asdict(e) for e in self.entries.values()], fh)
         os.replace(tmp, self.path)
 
+    def flush(self) -> bool:
+        """Write the file if it changed; called once per reaper tick, not on every spawn and exit.
+
+        A failed write (disk full, read-only data dir) is logged and retried on the next
+        tick; it never interrupts the broker's bookkeeping.
+        """
+        if not self.dirty:
+            return True
+        try:
+            self._save()
+        except OSError as exc:
+            if not self._failing:
+                log.error("cannot write the worker journal", path=self.path, error=str(exc))
+            self._failing = True
+            return False
+        self.dirty = self._failing = False
+        return True
+
     def add(self, entry: JournalEntry) -> None:
         self.entries[entry.pid] = entry
-        self._save()
+        self.dirty = True
 
     def update(self, pid: int, **changes) -> None:
         entry = self.entries.get(pid)
         if entry is not None:
             for key, value in changes.items():
                 setattr(entry, key, value)
-            self._save()
+            self.dirty = True
 
     def remove(self, pid: int) -> None:
         if self.entries.pop(pid, None) is not None:
-            self._save()
+            self.dirty = True
 
     def clear(self) -> None:
         self.entries.clear()
-        self._save()
+        self.dirty = True
+        self.flush()
 
 
 def still_running(entry: JournalEntry) -> psutil.Process | None:

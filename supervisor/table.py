@@ -23,6 +23,7 @@ class Worker:
     meta: dict[str, Any] = field(default_factory=dict)
     session: "Session | None" = None
     stopping: str | None = None  # the stop reason, once a stop began
+    ladder: asyncio.Task | None = None  # the one stop ladder run for this worker
     exited: asyncio.Future | None = None
     hello: asyncio.Future | None = None
     exit_status: int | None = None
