@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 
 VERSION = 1
-MAX_FRAME = 8 * 1024 * 1024  # bytes; the ROUTER drops peers that send more (ZMQ_MAXMSGSIZE)
+MAX_FRAME = 64 * 1024 * 1024  # bytes; the ROUTER drops peers that send more (ZMQ_MAXMSGSIZE)
 
 HELLO, HB, RES, EV, BYE, CALL, STOP, ENDED = "hello", "hb", "res", "ev", "bye", "call", "stop", "ended"
 EVS = "evs"

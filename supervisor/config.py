@@ -115,7 +115,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "warm_pool": (lambda v: 0 <= v <= 64, "an integer from 0 to 64"),
     "log_level": (lambda v: v in ("debug", "info", "warning", "error"), "debug, info, warning or error"),
     "log_format": (lambda v: v in ("text", "json"), "text or json"),
-    "max_frame": (lambda v: 1024 <= v <= 256 * 1024 * 1024, "bytes from 1024 to 256 MiB"),
+    # a client frame travels on to a worker: it must stay well under the link's limit (protocol.frames.MAX_FRAME)
+    "max_frame": (lambda v: 1024 <= v <= 32 * 1024 * 1024, "bytes from 1024 to 32 MiB"),
     "max_batch": (lambda v: 1 <= v <= 10_000, "an integer from 1 to 10000"),
     "ws_ping_interval": (_positive, "a number of seconds > 0"),
     "ws_ping_timeout": (_positive, "a number of seconds > 0"),

@@ -13,6 +13,16 @@ from protocol.jsonrpc import RpcError
 from worker.link import Link
 
 
+LINK_BUDGET = frames.MAX_FRAME - 64 * 1024  # room for the frame's own fields
+
+
+def _id_of(text: str) -> Any:
+    try:
+        return json.loads(text).get("id")
+    except ValueError:
+        return None
+
+
 class Channel:
     def __init__(self, link: Link) -> None:
         self.link = link
@@ -24,8 +34,11 @@ class Channel:
         """Thread-safe: one session event, numbered in the order it was emitted."""
         with self._lock:
             self.seq += 1
-            text = jsonrpc.event(type_, self.sid, payload, self.seq)
-            self.link.post_event(self.seq, type_, text.encode())
+            data = jsonrpc.event(type_, self.sid, payload, self.seq).encode()
+            if len(data) > LINK_BUDGET:  # the link would drop this worker for it: say so instead
+                data = jsonrpc.event("error", self.sid, {"message": f"a {type_} event of {len(data)} bytes was "
+                                                          "too large to deliver"}, self.seq).encode()
+            self.link.post_event(self.seq, type_, data)
 
     def emit_params(self, params: dict) -> None:
         """Thread-safe: an event a hosted runtime already shaped (its `params`), numbered here with `seq`."""
@@ -37,7 +50,11 @@ class Channel:
             self.link.post_event(self.seq, str(params.get("type", "")), text.encode())
 
     def respond(self, rid: int, text: str, bind: dict | None = None) -> None:
-        fields: dict[str, Any] = {"rid": rid, "json": text.encode()}
+        data = text.encode()
+        if len(data) > LINK_BUDGET:  # the link would drop this worker for it: answer with an error instead
+            data = jsonrpc.error(_id_of(text), jsonrpc.INTERNAL_ERROR,
+                                 f"the response of {len(data)} bytes exceeds the gateway's link limit").encode()
+        fields: dict[str, Any] = {"rid": rid, "json": data}
         if bind is not None:
             fields["bind"] = bind
         self.link.post(frames.pack(frames.RES, **fields))

@@ -13,6 +13,7 @@ import queue
 import secrets
 import threading
 import time
+import traceback
 from typing import Callable
 
 from protocol import __version__, ids
@@ -232,8 +233,12 @@ class SessionRuntime:
             if text is None:
                 return
             with self._busy:
-                self._turn(text)
-            self.set_state("idle")
+                try:
+                    self._turn(text)  # reports idle itself, just before message.complete
+                except Exception:
+                    # never here in practice (_turn catches the agent's errors); if it is, do not stay "working"
+                    traceback.print_exc()
+                    self.set_state("idle")
 
     def _turn(self, text: str) -> None:
         self.ch.emit("message.start", {})
