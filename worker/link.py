@@ -60,12 +60,14 @@ class Link:
 
     def _flush(self) -> None:
         """Send everything queued, in order; runs of events are coalesced (bounded) into one frame each."""
-        self._poked.clear()
         try:
             while os.read(self._wake_r, 4096):
                 pass
         except BlockingIOError:
             pass
+        # only now: a post between a clear and the drain above had its wake byte drained while its flag stayed
+        # set, so no later post wrote one and the outbox waited for the poll timeout (up to 0.5 s per event)
+        self._poked.clear()
         events: list = []
         size = 0
         while True:
