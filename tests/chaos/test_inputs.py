@@ -84,7 +84,9 @@ def _entry(obj) -> Entry:
     rid = obj["id"]
     if valid and _plain_id(rid):
         return Entry(True, True, {_key(rid)})
-    if valid and rid is None:
+    params_null = (obj.get("params", 0) is None and obj.get("jsonrpc") == "2.0"
+                   and isinstance(obj.get("method"), str) and obj["method"] != "")
+    if (valid or params_null) and rid is None:  # params null may be read as {} (upstream does): then answered
         return Entry(True, True, {_key(None)}, null_id=True)
     number_or_string = isinstance(rid, (str, int, float)) and not isinstance(rid, bool)
     return Entry(True, True, {_key(None)} | ({_key(rid)} if number_or_string else set()))
