@@ -1,7 +1,7 @@
 """The journal of live workers: survives the broker, so a new broker can kill what an old one left.
 
-A JSON file under the data dir, rewritten atomically on every spawn and exit
-(it holds at most max_workers rows). A row is trusted only when the pid's
+A JSON file under the data dir, rewritten atomically at most once per reaper tick
+(`flush`) when something changed; it holds at most max_workers rows. A row is trusted only when the pid's
 process create time still matches: a reused pid is never killed.
 """
 
