@@ -20,9 +20,12 @@ times). Workload, per gateway:
   4. concurrency: P of the live sessions prompt at once; time until all have completed.
 
 Usage: .venv/bin/python bench/compare_hermes.py [--cycles 200 --sample-every 20 --sessions 20 --runs 30
-       --concurrency 10] [--only A,B,C] [--grace 5] [--delay 0.01] [--json FILE] [--no-doc] [--from-json FILE]
+       --concurrency 10] [--only A,B,C] [--grace 5] [--delay 0.01] [--json FILE] [--no-doc]
+       [--from-json FILE [--add-to-history]]
 Progress goes to stderr, the JSON document to stdout (and --json FILE); the Markdown table replaces this
-script's section of docs/performance.md unless --no-doc. Every process started is killed at the end, even
+script's section of docs/performance.md unless --no-doc, and a full-size run adds a line to
+bench/compare_hermes_runs.jsonl (the doc shows the last runs' ratios: one run on a shared machine is
+noisy). Every process started is killed at the end, even
 on an error or Ctrl-C (own process groups, every descendant ever seen, a finally).
 """
 
@@ -638,15 +641,20 @@ WHY = {
         "WebSocket."),
     "session.create → session.info (agent ready)": (
         "**Agent ready.** The same Hermes agent build runs in both (the fork server pre-imports its modules and "
-        "fills its tool-definition cache, which A fills on its first session); in B it runs in a freshly forked "
-        "worker that first copies every preloaded page it writes to (see memory: ~27 MiB, ~7,000 copy-on-write "
-        "faults) with cold CPU caches, and its event crosses the broker."),
+        "fills its tool-definition cache, which A fills on its first session), but in B it runs in a process "
+        "that has never run it: every page of the preloaded heap it writes to is copied first (~27 MiB, ~7,000 "
+        "copy-on-write faults by the end of the first turn, see memory) and its CPU caches are cold. "
+        "Measured aside, create → first turn complete took 0.28 s of CPU in B's worker plus 0.02 s in the broker, "
+        "0.25 s in A's gateway for a later session; the slash worker (~0.3 s of CPU to start, in both) starts in "
+        "the same window, so the two cores are saturated and the extra CPU shows in wall time, by an amount that "
+        "moves with the other load on the machine (see Run to run)."),
     "prompt.submit → first message.delta": (
-        "**First turn.** Hermes' first turn in a session is the same code in both; in B the worker is still "
-        "copying the preloaded pages it touches for the first time, and every event crosses the worker link and "
-        "the broker before it reaches the WebSocket. When the turn is measured a second later (slash worker "
-        "booted, pages copied), B and A were within a few ms of each other in a side experiment."),
-    "prompt.submit → message.complete": None,
+        "**First turn.** The same code in both; B's worker runs it for the first time in its process (copy-on-"
+        "write faults: see agent ready) while the slash worker is still starting, and "
+        "every event crosses the worker link and the broker before it reaches the WebSocket. Measured aside with "
+        "a 1 s pause after session.info (slash worker up), B's and A's turns were within ~10 ms of each other; "
+        "a warm session's turn alone is the row \"one warm session's turn alone\"."),
+    "prompt.submit → message.complete": "same as first delta",
     "connect → gateway.ready": (
         "**Connect.** Both answer the WebSocket upgrade and send gateway.ready from one process; differences are "
         "the servers' (uvicorn + FastAPI in A, websockets in B)."),
@@ -707,6 +715,8 @@ def closing_note(doc: dict, lost: list[str]) -> str:
             for label in lost]
     for key in keys:
         text = WHY.get(key)
+        if text == "same as first delta":
+            text = WHY["prompt.submit → first message.delta"]
         if key == "USS per session" or (key == "PSS per session" and "USS per session" not in keys):
             text = memory_note(doc)
         elif key == "gateway RSS kept (after grace − warm-up)":
@@ -722,6 +732,54 @@ def closing_note(doc: dict, lost: list[str]) -> str:
     if not out:
         return "B does not lose on any row of this run."
     return "Where B loses in this run, and why:\n\n" + "\n\n".join(f"- {t}" for t in out)
+
+
+HISTORY = ROOT / "bench" / "compare_hermes_runs.jsonl"
+DEFAULTS = {"cycles": 200, "sample_every": 20, "sessions": 20, "runs": 30, "concurrency": 10}
+STEPS = ("create", "agent_ready", "first_delta", "complete")
+
+
+def summarize(doc: dict) -> dict:
+    """One line of the run history: what moves from run to run on a shared machine."""
+    g, m = doc["gateways"], doc["machine"]
+    row: dict[str, Any] = {"date": m["date"], "commit": m["commit"], "load": m["loadavg_at_start"][0]}
+    for name in ("A", "B", "C"):
+        if name in g:
+            row[name] = {**{s: g[name]["latency"][s].get("p50_ms") for s in STEPS},
+                         "concurrency_ms": g[name]["concurrency"]["all_complete_ms"],
+                         "uss_per_session": g[name]["per_session"]["total_uss_mib_per_session"],
+                         "rss_kept": g[name]["soak"]["rss_delta_mib"]}
+    return row
+
+
+def record(doc: dict) -> None:
+    """Append a full-size run (the issue's defaults, all three gateways) to the history."""
+    if all(doc["params"].get(k) == v for k, v in DEFAULTS.items()) and set(doc["gateways"]) == {"A", "B", "C"}:
+        with open(HISTORY, "a") as fh:
+            fh.write(json.dumps(summarize(doc)) + "\n")
+
+
+def history_table(last: int = 6) -> str:
+    try:
+        rows = [json.loads(line) for line in HISTORY.read_text().splitlines() if line.strip()][-last:]
+    except (OSError, ValueError):
+        return ""
+    if len(rows) < 2:
+        return ""
+
+    def r(row: dict, key: str) -> str:
+        a, b = row["A"].get(key), row["B"].get(key)
+        return f"{b / a:.2f}" if a and b is not None else "—"
+
+    out = ["Run to run (full runs on this machine, from bench/compare_hermes_runs.jsonl; B/A of the p50s — the "
+           "load other work puts on the 2 cores moves them):", "",
+           "| run | load | create | agent ready | first delta | complete | 10 at once | USS/session B, A | "
+           "RSS kept B, A |", "|---" * 9 + "|"]
+    for row in rows:
+        out.append(f"| {row['date']} ({row['commit']}) | {row['load']:g} | " + " | ".join(r(row, k) for k in STEPS)
+                   + f" | {r(row, 'concurrency_ms')} | {row['B']['uss_per_session']:g}, {row['A']['uss_per_session']:g}"
+                   + f" MiB | {row['B']['rss_kept']:g}, {row['A']['rss_kept']:g} MiB |")
+    return "\n".join(out)
 
 
 def markdown(doc: dict) -> str:
@@ -752,6 +810,7 @@ def markdown(doc: dict) -> str:
         tbl,
         "",
         closing_note(doc, lost),
+        *(["", hist] if (hist := history_table()) else []),
         END,
     ])
 
@@ -782,9 +841,13 @@ def main() -> int:
     p.add_argument("--json", default="", help="also write the JSON document here")
     p.add_argument("--no-doc", action="store_true", help="do not touch docs/performance.md")
     p.add_argument("--from-json", default="", help="run nothing: write the doc section from a saved document")
+    p.add_argument("--add-to-history", action="store_true", help="with --from-json: record that run's summary too")
     args = p.parse_args()
     if args.from_json:
-        write_doc(markdown(json.loads(Path(args.from_json).read_text())))
+        saved = json.loads(Path(args.from_json).read_text())
+        if args.add_to_history:
+            record(saved)
+        write_doc(markdown(saved))
         return 0
     args.concurrency = min(args.concurrency, args.sessions)
 
@@ -835,6 +898,7 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(text + "\n")
     if not args.no_doc and len(doc["gateways"]) > 1:
+        record(doc)
         write_doc(markdown(doc))
         note(f"wrote {DOC.relative_to(ROOT)}")
     note(f"done in {doc['wall_s']} s")
