@@ -16,6 +16,8 @@ from pathlib import Path
 
 import psutil
 
+from tests.procs import kill_all
+
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,15 +72,7 @@ class Gateway:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        kill_all(procs)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

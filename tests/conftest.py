@@ -17,6 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.procs import kill_all
+
 BIN = Path(sys.executable).parent
 
 
@@ -144,15 +146,7 @@ def kill_tree(gw: Gateway, graceful: bool = True) -> None:
         except ProcessLookupError:
             pass
         gw.proc.wait(5)
-    for p in procs:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
+    kill_all(procs)
 
 
 def _journal_pids(gw: Gateway) -> list[int]:
