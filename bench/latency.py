@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import zmq
 from websockets.asyncio.client import connect
 

@@ -68,9 +68,12 @@ class Client:
         else:
             self.unmatched.append(item)
 
+    def _new_id(self) -> Any:
+        return next(self._ids)
+
     async def request(self, method: str, params: dict | None = None, timeout: float = 10) -> dict:
         """Send a call and return the whole response object (result or error)."""
-        rid = next(self._ids)
+        rid = self._new_id()
         fut = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
         msg: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}

@@ -166,6 +166,24 @@ def tmp_dirs():
 
 
 @pytest.fixture
+def worker_link(tmp_dirs):
+    """A worker's real DEALER link (identity b"w-test") to a real ROUTER, as between a worker and the broker."""
+    import zmq
+
+    from worker.link import Link
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    endpoint = f"ipc://{tmp_dirs}/b.sock"
+    router.bind(endpoint)
+    link = Link(endpoint, b"w-test", heartbeat_interval=60)
+    yield link, router
+    link.close()
+    router.close(linger=0)
+    ctx.term()
+
+
+@pytest.fixture
 def gateway_factory(tmp_dirs):
     """start(*flags) -> Gateway; every gateway started is torn down with its whole tree."""
     started: list[Gateway] = []

@@ -14,17 +14,8 @@ from worker.link import Link
 
 
 @pytest.fixture
-def wire(tmp_dirs):
-    """A real DEALER link to a real ROUTER, as between a worker and the broker."""
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    endpoint = f"ipc://{tmp_dirs}/b.sock"
-    router.bind(endpoint)
-    link = Link(endpoint, b"w-test", heartbeat_interval=60)
-    yield link, router
-    link.close()
-    router.close(linger=0)
-    ctx.term()
+def wire(worker_link):
+    return worker_link
 
 
 def _receive(link: Link, router: zmq.Socket) -> dict:

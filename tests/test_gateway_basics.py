@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 
-import psutil
 
 from tests.client import Client
 from tests.conftest import pid_alive, run, wait_for

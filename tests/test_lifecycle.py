@@ -15,12 +15,11 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
 from supervisor import front
 from supervisor.config import Config
-from tests.client import Client, RpcFailed
+from tests.client import Client
 from tests.conftest import pid_alive, run, wait_for
 
 pytestmark = pytest.mark.timeout(90)

@@ -5,22 +5,13 @@ from __future__ import annotations
 import select
 
 import pytest
-import zmq
 
 from worker.link import Link
 
 
 @pytest.fixture
-def link(tmp_dirs):
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    endpoint = f"ipc://{tmp_dirs}/b.sock"
-    router.bind(endpoint)
-    link = Link(endpoint, b"w-wake", heartbeat_interval=60)
-    yield link
-    link.close()
-    router.close(linger=0)
-    ctx.term()
+def link(worker_link):
+    return worker_link[0]
 
 
 def _woken(link: Link) -> bool:

@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.client import Client, RpcFailed
-from tests.conftest import BIN, pid_alive, run, start_gateway, wait_for
+from tests.conftest import BIN, pid_alive, run, wait_for
 
 COLUMNS = ["SESSION", "PID", "STATE", "ATTACHED", "DETACHED_FOR", "IDLE", "CPU%", "RSS", "THREADS", "FDS", "UPTIME"]
 

@@ -141,10 +141,6 @@ async def settle(pred: Callable[[], Any], timeout: float, interval: float = 0.05
 
 def ps_binary() -> Path | None:
     path = Path(sys.executable).parent / "hermes-ps"
-    try:
-        import supervisor.ps  # noqa: F401  (the console script exists only once issue 5 landed)
-    except ImportError:
-        return None
     return path if path.exists() else None
 
 

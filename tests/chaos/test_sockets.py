@@ -62,7 +62,6 @@ async def _cycle(gw, chk: Checker, proxy: Proxy, observer: Tracked, mode: str, n
     for v, sid in zip(victims, sids):
         await v.call("prompt.submit", {"session_id": sid, "text": f"{v.name} {STREAM}"})
     await asyncio.sleep(0.1)  # the fault lands mid-stream
-    t_fault = time.monotonic()
     if mode == "latency":
         proxy.latency = 0.05
         for v, sid in zip(victims, sids):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 from collections import Counter
@@ -40,16 +39,13 @@ class Tracked(Client):
             self.answers[json.dumps(item.get("id"))] += 1
         await super()._dispatch(item)
 
-    async def request(self, method: str, params: dict | None = None, timeout: float = 10) -> dict:
+    def _new_id(self) -> Any:
         rid = next(self._ids)
         self.sent.append(rid)
-        fut = asyncio.get_running_loop().create_future()
-        self._waiting[rid] = fut
-        msg: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
-        if params is not None:
-            msg["params"] = params
-        await self.ws.send(json.dumps(msg))
-        resp = await asyncio.wait_for(fut, timeout)
+        return rid
+
+    async def request(self, method: str, params: dict | None = None, timeout: float = 10) -> dict:
+        resp = await super().request(method, params, timeout)
         self._note(method, params or {}, resp.get("result"))
         return resp
 
