@@ -29,6 +29,7 @@ from supervisor.paths import RuntimePaths
 from supervisor.rules import Limits, plan_tick, reap_reason
 from supervisor.spawner import Spawner
 from supervisor.table import Session, Worker
+from worker import preload
 
 DRAIN_BATCH = 2000  # frames per drain before yielding to other callbacks
 HELLO_TIMEOUT = 15.0
@@ -81,19 +82,13 @@ class Broker:
         self._end_notes: deque[bytes] = deque(maxlen=10_000)  # `ended` frames waiting for a lobby
         self.ctx = zmq.Context(io_threads=1)
         self.router = self.ctx.socket(zmq.ROUTER)
-        self.spawner = Spawner(self._preload(), self._on_spawned, self._on_exited, self._on_spawn_error,
+        self.spawner = Spawner(self._on_spawned, self._on_exited, self._on_spawn_error,
                                self._on_zygote_lost)
 
     @property
     def limits(self) -> Limits:
         return Limits(self.cfg.reap_grace, self.cfg.busy_stale, self.cfg.heartbeat_interval,
                       self.cfg.heartbeat_liveness)
-
-    def _preload(self) -> list[str]:
-        if self.cfg.runtime == "hermes":
-            return ["worker.hermes_runtime"]
-        agent = "worker.agents.openai" if self.cfg.agent == "openai" else "worker.agents.echo"
-        return ["worker.session", "worker.lobby", agent]  # the agent too: an import after the fork costs ~2 ms
 
     # -- start / stop ---------------------------------------------------------
     async def start(self) -> None:
@@ -110,10 +105,7 @@ class Broker:
         os.chmod(sock_path, 0o600)
         loop = asyncio.get_running_loop()
         loop.add_reader(self.router.getsockopt(zmq.FD), self._drain)
-        if self.cfg.runtime == "hermes":
-            from worker.hermes_home import prepare  # file work only, no agent code
-
-            os.environ.update(prepare(self.cfg.worker_config()))  # Hermes reads HERMES_HOME in the fork server
+        self.spawner.preload, self.spawner.env = preload.plan(self.cfg.worker_config())
         self.spawner.start()
         self.journal.add(JournalEntry(self.spawner.pid, _create_time(self.spawner.pid), os.getpgid(0), "zygote"))
         self.journal.flush()

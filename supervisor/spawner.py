@@ -9,6 +9,7 @@ without polling.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -20,10 +21,11 @@ from supervisor import log
 
 
 class Spawner:
-    def __init__(self, preload: list[str], on_spawned: Callable[[bytes, int], None],
+    def __init__(self, on_spawned: Callable[[bytes, int], None],
                  on_exited: Callable[[int, int], None], on_error: Callable[[bytes, str], None],
                  on_lost: Callable[[], None]) -> None:
-        self.preload = preload
+        self.preload: list[str] = []  # modules the zygote imports before forking (worker.preload.plan)
+        self.env: dict[str, str] = {}  # and what it adds to the environment it inherits
         self.on_spawned = on_spawned
         self.on_exited = on_exited
         self.on_error = on_error
@@ -43,7 +45,7 @@ class Spawner:
         for mod in self.preload:
             args += ["--preload", mod]
         self.proc = subprocess.Popen(args, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
-                                     start_new_session=False)
+                                     env={**os.environ, **self.env}, start_new_session=False)
         child.close()
         parent.setblocking(False)
         self.sock = parent
