@@ -26,7 +26,7 @@ from supervisor.memory import release_free_memory
 from supervisor.config import Config
 from supervisor.journal import Journal, JournalEntry
 from supervisor.paths import RuntimePaths
-from supervisor.rules import Limits, plan_tick, reap_reason
+from supervisor.rules import Limits, plan_tick, session_reap_reason
 from supervisor.spawner import Spawner
 from supervisor.table import Session, Worker
 from worker import preload
@@ -654,8 +654,7 @@ class Broker:
     def _check(self, s: Session, now: float) -> None:
         if s.worker.stopping:
             return
-        reason = reap_reason(attached=len(s.attached), detached_at=s.detached_at, last_active=s.last_active,
-                             state=s.state, close_on_disconnect=s.close_on_disconnect, now=now, limits=self.limits)
+        reason = session_reap_reason(s, now, self.limits)
         if reason is not None:
             self.begin_stop(s.worker, reason)
 

@@ -72,11 +72,16 @@ def plan_tick(workers: Iterable["Worker"], sessions: Iterable["Session"], now: f
         w = s.worker
         if w.stopping or id(w) in doomed:
             continue
-        reason = reap_reason(attached=len(s.attached), detached_at=s.detached_at, last_active=s.last_active,
-                             state=s.state, close_on_disconnect=s.close_on_disconnect, now=now, limits=limits)
+        reason = session_reap_reason(s, now, limits)
         if reason is not None:
             out.append((w, reason))
     return out
+
+
+def session_reap_reason(s: "Session", now: float, limits: Limits) -> str | None:
+    """Rule 4 for one session record (the tick's, and the immediate check when a last client leaves)."""
+    return reap_reason(attached=len(s.attached), detached_at=s.detached_at, last_active=s.last_active,
+                       state=s.state, close_on_disconnect=s.close_on_disconnect, now=now, limits=limits)
 
 
 def eviction_order(candidates: list[tuple[str, float | None, str]]) -> list[str]:
