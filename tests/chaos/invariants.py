@@ -197,13 +197,46 @@ class Checker:
         """Wait for the process table to settle to: gateway, one zygote, one lobby, <= warm_pool spares,
         exactly the expected session workers, nothing else; and the journal lists exactly those."""
         expect = None if expect_sessions is None else set(expect_sessions)
-        await settle(lambda: not self._process_problems(expect), timeout)
-        problems = self._process_problems(expect)
+        seen: list[list[str]] = [[]]
+
+        def settled() -> bool:
+            seen[0] = self._process_problems(expect)
+            return not seen[0]
+
+        # judge the snapshot that settled: a second look could catch the next spare forked in between,
+        # before the broker's next journal flush (<= one 0.2 s tick), and call that a failure
+        await settle(settled, timeout)
+        problems = seen[0]
         if problems:
             c = self.census()
             extra = set(c.sessions) - (expect or set(c.sessions))
             self.tally.leaked += len(c.strays) + len(extra)
+            problems.append(self.diagnosis())
         self.tally.ok(not problems, f"process table did not settle: {problems}")
+
+    def diagnosis(self) -> str:
+        """What the broker, its journal and its log said, for a failure that must explain itself in CI."""
+        parts = []
+        try:
+            parts.append("journal: " + (self.gw.data_dir / "workers.json").read_text()[:2000])
+        except OSError as exc:
+            parts.append(f"journal unreadable: {exc}")
+        binary = ps_binary()
+        if binary is not None:
+            out = subprocess.run([str(binary), "--all", "--json", "--runtime-dir", str(self.gw.runtime_dir)],
+                                 capture_output=True, text=True, timeout=15)
+            try:
+                rows = json.loads(out.stdout)["workers"]
+                keep = ("pid", "kind", "state", "session")
+                parts.append("hermes-ps workers: " + json.dumps([{k: r.get(k) for k in keep} for r in rows]))
+            except (ValueError, KeyError, TypeError):
+                parts.append(f"hermes-ps ({out.returncode}): {(out.stdout or out.stderr)[:1000]}")
+        c = self.census()
+        parts.append(f"census: {c}")
+        lines = [ln for ln in self.gw.log().splitlines() if " warning " in ln or " error " in ln or "Traceback" in ln]
+        parts.append("log warnings/errors (last 30):\n" + "\n".join(lines[-30:]))
+        parts.append("log tail:\n" + "\n".join(self.gw.log().splitlines()[-40:]))
+        return "\n".join(parts)
 
     async def all_gone(self, within: float, since: float) -> float:
         """After the broker died (at monotonic `since`): every tagged process gone within `within` seconds."""
@@ -305,8 +338,14 @@ class Checker:
         return resources(self.gw.pid)
 
     async def back_to(self, base: Resources, warm_rss: int | None = None, timeout: float = 10.0) -> Resources:
-        await settle(lambda: (r := self.resources()).threads == base.threads and r.fds == base.fds, timeout)
-        now = self.resources()
+        seen = [self.resources()]
+
+        def settled() -> bool:
+            seen[0] = r = self.resources()
+            return r.threads == base.threads and r.fds == base.fds
+
+        await settle(settled, timeout)
+        now = seen[0]
         self.tally.ok(now.threads == base.threads, f"broker threads {now.threads} != baseline {base.threads}")
         self.tally.ok(now.fds == base.fds, f"broker fds {now.fds} != baseline {base.fds}")
         if warm_rss is not None:
