@@ -38,7 +38,7 @@ from protocol import frames  # noqa: E402
 from worker.store import Store  # noqa: E402
 
 TARGETS = {"create_warm_p50_ms": 5.0, "create_cold_p50_ms": 20.0, "prompt_p50_ms": 2.0, "events_per_s": 20_000,
-           "persistence_overhead_p50_ms": 0.5, "resume_20k_ms": 500.0}
+           "persistence_overhead_p50_ms": 0.5, "resume_20k_ms": 500.0, "interrupt_p99_ms": 100.0}
 
 
 class Lean:
@@ -221,6 +221,33 @@ async def prompts_on_off(on: Gateway, off: Gateway, n: int) -> tuple[list[float]
     return ons, offs
 
 
+async def interrupts(gw: Gateway, n: int) -> dict:
+    """Mid-turn `session.interrupt` (echo agent, 50 ms a word): from the interrupt's answer, and from its send,
+    to `message.complete {status: interrupted}` (issue 2: within 100 ms)."""
+    c = await Lean.open(gw.url)
+    sid = (await c.call("session.create", {"cols": 80}))["session_id"]
+    text = " ".join(f"w{i}" for i in range(200))  # 10 s of words: the interrupt always lands mid-turn
+    from_answer, from_send = [], []
+    for _ in range(n):
+        first = c.expect(sid, "message.delta")
+        done = c.expect(sid, "message.complete")
+        await c.call("prompt.submit", {"session_id": sid, "text": text})
+        await asyncio.wait_for(first, 30)
+        await asyncio.sleep(0.12)  # a few words in
+        t0 = time.perf_counter()
+        answer = await c.send("session.interrupt", {"session_id": sid})
+        await asyncio.wait_for(answer, 30)
+        t1 = time.perf_counter()
+        raw = await asyncio.wait_for(done, 30)
+        t2 = time.perf_counter()
+        assert '"status":"interrupted"' in raw
+        from_answer.append(max(0.0, t2 - t1))
+        from_send.append(t2 - t0)
+    await c.call("session.close", {"session_id": sid})
+    await c.close()
+    return {"answer_to_complete": summary_ms(from_answer), "send_to_complete": summary_ms(from_send)}
+
+
 async def events_rate(gw: Gateway, sessions: int, words: int, rounds: int) -> dict:
     c = await Lean.open(gw.url)
     sids = []
@@ -305,6 +332,8 @@ async def main_async(quick: bool) -> dict:
         gws.append(cold)
         off = start_gateway("--warm-pool", "1", "--persist", "false")
         gws.append(off)
+        slow = start_gateway("--warm-pool", "1", "--echo-delay", "0.05")
+        gws.append(slow)
 
         note("session.create: warm pool …")
         create_warm = await creates(warm, n_create, warm=True)
@@ -328,6 +357,11 @@ async def main_async(quick: bool) -> dict:
         result["persistence"] = {"on": on_s, "off": off_s,
                                  "overhead_p50_ms": round(on_s["p50_ms"] - off_s["p50_ms"], 3)}
 
+        note("session.interrupt mid-turn …")
+        result["interrupt"] = await interrupts(slow, max(10, int(30 * scale)))
+        result["interrupt"]["send_to_complete_vs_prompt_round_trip_p50"] = round(
+            result["interrupt"]["send_to_complete"]["p50_ms"] / on_s["p50_ms"], 2)
+
         note("events/s: 1 session, then 10 …")
         words = 5000
         one = await events_rate(warm, 1, words, 3)
@@ -350,6 +384,7 @@ async def main_async(quick: bool) -> dict:
         "persistence_overhead_p50_ms": result["persistence"]["overhead_p50_ms"]
         <= TARGETS["persistence_overhead_p50_ms"],
         "resume_20k_ms": result["resume"]["20k"]["p50_ms"] <= TARGETS["resume_20k_ms"],
+        "interrupt_p99_ms": result["interrupt"]["send_to_complete"]["p99_ms"] <= TARGETS["interrupt_p99_ms"],
     }
     result["targets_met"] = met
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
