@@ -103,10 +103,21 @@ def test_fifty_refreshes_leave_no_session_worker_thread_fd_or_memory(gateway_fac
         base = (broker.num_threads(), broker.num_fds(), broker.memory_info().rss)
         for _ in range(50):
             await refresh()
-        await asyncio.sleep(3.0)
+
+        def reaped_and_refilled():
+            # one snapshot: the 60 reaps logged, and the table down to lobby + spare + the observer's session
+            reaps = [r for r in log_records(gw, "worker stopped") if r.get("reason") == "ws_orphan_reap"]
+            table = gw.workers()
+            return table if len(reaps) >= 60 and len(table) == 3 else None
+
+        workers = await until(reaped_and_refilled, 30, "the 60 refreshed sessions reaped and the pool refilled")
         rows = await rows_of(observer, mine)
-        after = (broker.num_threads(), broker.num_fds(), broker.memory_info().rss)
-        workers = gw.workers()
+        # threads and fds: the last reaped worker's ZeroMQ pipe closes a moment after its exit is seen
+        for _ in range(100):
+            after = (broker.num_threads(), broker.num_fds(), broker.memory_info().rss)
+            if after[:2] == base[:2]:
+                break
+            await asyncio.sleep(0.05)
         await observer.close()
         return mine, base, after, rows, workers
 
@@ -126,13 +137,14 @@ def test_fifty_refreshes_leave_no_session_worker_thread_fd_or_memory(gateway_fac
 
 # -- 2. warm re-attach and replay ------------------------------------------------
 def test_reattach_within_grace_same_worker_missed_events_then_cold_resume(gateway_factory):
-    gw = gateway_factory("--reap-grace", "3", "--echo-delay", "0.25")
+    gw = gateway_factory("--reap-grace", "3", "--echo-delay", "0.5")
     words = " ".join(f"w{i}" for i in range(10))
 
     async def stream_then_drop(c: Client, sid: str) -> list[dict]:
         start = len(c.by_session[sid])
         await c.call("prompt.submit", {"session_id": sid, "text": words})
-        # drop right after a delta arrives: the next one is 0.25 s away, so none is in flight
+        # drop right after a delta arrives: the next one is 0.5 s away, so none is in flight (an event written
+        # into a connection that then drops counts as delivered: see docs/reliability.md)
         await c.wait_event(lambda e: e["type"] == "message.delta" and e["payload"]["text"].startswith("w2"))
         c.abort()
         return c.by_session[sid][start:]
@@ -392,19 +404,21 @@ def test_active_list_shows_attached_recent_detached_and_current(gateway_factory)
         o, a, b = await Client.open(gw.url), await Client.open(gw.url), await Client.open(gw.url)
         so, sa, sb = await o.create(), await a.create(), await b.create()
         a.abort()
+        t_abort = time.monotonic()
         await asyncio.sleep(0.3)
         early = await rows_of(o)
-        await asyncio.sleep(1.6)
+        early_age = time.monotonic() - t_abort  # the most it can have been detached for when the list was made
+        await asyncio.sleep(2.0)
         late = await rows_of(o)
         late_current = await rows_of(o, current=sa)
         await o.close()
         await b.close()
-        return so, sa, sb, early, late, late_current
+        return so, sa, sb, early, early_age, late, late_current
 
-    so, sa, sb, early, late, late_current = run(go())
+    so, sa, sb, early, early_age, late, late_current = run(go())
     assert set(early) == {so, sa, sb}
     assert early[so]["attached"] is True and early[so]["detached_for"] is None
-    assert early[sa]["attached"] is False and 0.2 <= early[sa]["detached_for"] < 1.5
+    assert early[sa]["attached"] is False and 0 < early[sa]["detached_for"] <= min(early_age + 0.01, 1.5), early[sa]
     assert set(late) == {so, sb}, "a detached session older than list_grace left the list"
     assert set(late_current) == {so, sa, sb}
     assert late_current[sa]["current"] is True and late_current[sa]["detached_for"] >= 1.5
@@ -440,12 +454,14 @@ def test_ws_ping_timeout_detaches_a_client_that_stopped_answering(gateway_factor
         assert pid_alive(pid)
         os.kill(proc.pid, signal.SIGSTOP)  # the socket stays open; nobody answers pings any more
         t0 = time.monotonic()
-        wait_for(lambda: not pid_alive(pid), 8, what="reap of the blackholed client's session")
+        wait_for(lambda: not pid_alive(pid), 15, what="reap of the blackholed client's session")
         took = time.monotonic() - t0
     finally:
         proc.kill()
         proc.wait(5)
-    assert took <= 0.5 + 0.5 + 0.5 + 2.0, f"took {took:.2f}s"
+    # found by the ping (interval + pong timeout + close handshake timeout), then reaped after reap_grace;
+    # the slack is for a loaded machine (bench/reclaim.py reports the overshoot), "never" still fails
+    assert took <= 0.5 + 0.5 + front.CLOSE_TIMEOUT + 0.5 + 3.0, f"took {took:.2f}s"
     assert any(r.get("session") == sid for r in log_records(gw, "session detached"))
     assert stop_record(gw, pid)["reason"] == "ws_orphan_reap"
 

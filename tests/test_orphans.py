@@ -85,9 +85,9 @@ def test_sigkill_of_the_broker_takes_every_worker_and_its_children(gateway_facto
     os.kill(gw.pid, signal.SIGKILL)
     t0 = time.monotonic()
     gw.proc.wait(5)
-    wait_for(lambda: not any(pid_alive(p) for p in everyone), 2.0,
+    # issue 3: gone within 2 s of the kill (wait_for raises past that; one bound, no second look)
+    wait_for(lambda: not any(pid_alive(p) for p in everyone), 2.0 - (time.monotonic() - t0),
              what=f"every worker and child gone; alive: {[p for p in everyone if pid_alive(p)]}")
-    assert time.monotonic() - t0 <= 2.0
 
 
 def _spawn_group() -> subprocess.Popen:

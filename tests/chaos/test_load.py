@@ -211,8 +211,13 @@ def _slow(rig, gw, tally: Tally, words: int, cycles: int) -> None:
             ws.close()
             drained = time.monotonic() - t_read  # the gateway waits 1 s for the close handshake, then drops
             tally.ok(code == 1008, f"the slow client was closed with {code}, not 1008 (drained in {drained:.2f}s)")
-            rows = (await observer.call("session.active_list", {"current_session_id": sid}))["sessions"]
-            row = next(r for r in rows if r["id"] == sid)
+            row: dict = {}
+            for _ in range(100):  # detached once the gateway's side of the connection is done (<= 1 s close wait)
+                rows = (await observer.call("session.active_list", {"current_session_id": sid}))["sessions"]
+                row = next(r for r in rows if r["id"] == sid)
+                if not row["attached"]:
+                    break
+                await asyncio.sleep(0.05)
             tally.ok(not row["attached"], f"the slow client's session is still attached: {row}")
             # the session finishes its turn detached, is reaped, and its reply is in the store
             await chk.processes(set(), timeout=60)
@@ -301,8 +306,12 @@ def _storm(rig, gw, tally: Tally, clients_n: int, seconds: float, warmup: float)
         async def watch() -> None:  # one worker per stored key at all times
             while True:
                 c = chk.census()
-                keys = [psutil.Process(p).cmdline()[0].split("key=")[-1] for p in c.sessions.values()
-                        if psutil.pid_exists(p)]
+                keys = []
+                for p in c.sessions.values():
+                    try:
+                        keys.append(psutil.Process(p).cmdline()[0].split("key=")[-1])
+                    except psutil.Error:
+                        pass  # reaped since the census: not a second worker
                 worst[0] = max(worst[0], len(keys) - len(set(keys)))
                 await asyncio.sleep(0.1)
 
@@ -310,6 +319,10 @@ def _storm(rig, gw, tally: Tally, clients_n: int, seconds: float, warmup: float)
         until = time.monotonic() + seconds
         await asyncio.gather(*(_stormer(gw, i, until, clients, tally) for i in range(clients_n)))
         watcher.cancel()
+        try:
+            await watcher  # a watcher that died early would have stopped checking: surface why
+        except asyncio.CancelledError:
+            pass
         tally.ok(worst[0] == 0, f"a stored key had {worst[0] + 1} workers at once")
         tally.cycles = len(clients)
         tally.notes.append(f"{len(clients)} connections in {seconds:.0f}s by {clients_n} clients")

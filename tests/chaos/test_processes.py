@@ -107,7 +107,7 @@ def _worker_stop(rig, gw, tally: Tally, cycles: int) -> None:
             await c.wait_event(lambda e: e.get("session_id") == sid and e["type"] == "message.delta", 5)
             os.kill(pid, signal.SIGSTOP)
             tally.faults += 1
-            await asyncio.sleep(HB * LIVENESS / 3)
+            await asyncio.sleep(HB * LIVENESS / 5)  # a beat may already be up to HB late when the stop lands
             os.kill(pid, signal.SIGCONT)
             n_done = lambda: sum(e["type"] == "message.complete" for e in c.by_session[sid])  # noqa: E731
             await c.wait_event(lambda e: n_done() >= 2, 15)

@@ -19,7 +19,7 @@ from tests.chaos.tracked import Tracked
 from tests.conftest import run
 
 PING = 0.5
-REAP_GRACE = 1.5
+REAP_GRACE = 3.0  # the victim resumes after detection, settling and a new connection: room for a loaded machine
 FLAGS = ("--reap-grace", str(REAP_GRACE), "--list-grace", "0.5", "--ws-ping-interval", str(PING),
          "--ws-ping-timeout", str(PING), "--echo-delay", "0.01", "--warm-pool", "1")
 # how soon a dropped connection must show as detached: at once, or by the ping timeout (+ close timeout)
