@@ -563,7 +563,7 @@ class Broker:
             if self.by_key.get(s.key) is s:
                 self.by_key.pop(s.key, None)
             if s.key:
-                self._note_end(s.key, reason)
+                self.note_end(s.key, reason)
             for cid in s.attached:
                 client = self.clients.get(cid)
                 if client is not None:
@@ -580,7 +580,7 @@ class Broker:
         self.refill()
         self.on_change()
 
-    def _note_end(self, key: str, reason: str) -> None:
+    def note_end(self, key: str, reason: str) -> None:
         """Ask the lobby to record why a session ended, for a worker that could not (hard kill, crash).
 
         Sent for every session whose worker is gone: the lobby writes only a row that no

@@ -42,9 +42,15 @@ class Daemon:
         self.paths.ensure()
         os.makedirs(self.cfg.data_dir, mode=0o700, exist_ok=True)
         self._lock_fd = self.paths.lock()
-        for entry in kill_leftovers(self.journal.load()):
+        left = self.journal.load()
+        for entry in kill_leftovers(left):
             log.warning("killed a worker left by a previous broker", pid=entry.pid, kind=entry.kind,
                         session=entry.session)
+        for entry in left:
+            if entry.kind == "session" and entry.session:
+                # its worker died with the previous broker (or was just killed) without finalizing:
+                # the lobby records why, unless the row was ended already
+                self.broker.note_end(entry.session, "gateway_lost")
         self.journal.clear()
         self.token = self.paths.write_token(self.cfg.token)
         self.front = Front(self.cfg, self.broker, self.gateway, self.token)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 
@@ -141,10 +142,17 @@ def test_a_restarted_broker_after_sigkill_starts_clean_on_the_same_dirs(gateway_
 
     key = run(create(first))
     old = set(first.workers())
+    # the journal names a worker's session from its next flush (one reaper tick, <= 0.2 s)
+    wait_for(lambda: key in (first.data_dir / "workers.json").read_text(), 5, what="the session in the journal")
     os.kill(first.pid, signal.SIGKILL)
     first.proc.wait(5)
     wait_for(lambda: not any(pid_alive(p) for p in old), 2.0, what="old workers gone")
+    assert _end_of(first, key) == (None, None)  # the worker died with the broker: it could not write its end
     second = gateway_factory("--reap-grace", "60", runtime_dir=first.runtime_dir, data_dir=first.data_dir)
+    # the new broker read the journal and had its lobby record why the session ended
+    ended_at, reason = wait_for(lambda: _end_of(second, key)[1] and _end_of(second, key), 10,
+                                what="the session's end recorded after the restart")
+    assert reason == "gateway_lost" and ended_at <= time.time()
 
     async def resume(gw):
         c = await Client.open(gw.url)
@@ -155,6 +163,17 @@ def test_a_restarted_broker_after_sigkill_starts_clean_on_the_same_dirs(gateway_
     res = run(resume(second))
     assert [m["text"] for m in res["messages"]] == ["remember me", "remember me"]
     assert not set(second.workers()) & old
+    assert _end_of(second, key) == (None, None)  # the resume re-opened it
+
+
+def _end_of(gw, key: str) -> tuple[float | None, str | None]:
+    con = sqlite3.connect(f"file:{gw.data_dir / 'sessions.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        row = con.execute("SELECT ended_at, end_reason FROM sessions WHERE key = ?", (key,)).fetchone()
+    finally:
+        con.close()
+    assert row is not None, f"no stored row for {key}"
+    return row[0], row[1]
 
 
 def _orphaned_group(tag: str) -> tuple[int, psutil.Process]:
