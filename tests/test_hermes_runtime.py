@@ -120,6 +120,7 @@ def test_prompt_streams_through_the_real_agent_and_slash_worker_is_in_the_group(
         seqs = [e["seq"] for e in c.by_session[sid]]
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # the worker numbers Hermes' events
         assert "message.start" in [e["type"] for e in c.by_session[sid]]
+        assert hermes_children(pid) == []  # the slash worker starts with the first slash command, not the session
 
         out = await c.call("slash.exec", {"session_id": sid, "command": "help"}, timeout=60)
         assert "/help" in out["output"] and "Available Commands" in out["output"]

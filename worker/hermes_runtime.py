@@ -114,6 +114,8 @@ try:
 finally:
     threading.Thread.start = _real_start  # type: ignore[method-assign]
 
+_EagerSlashWorker = server._SlashWorker  # Hermes' own: a subprocess started at construction
+
 # Held threads never started in a worker: the update check runs git and the network (in every process);
 # the idle reaper closes sessions whose transport died hours ago, which ours never does (reaping is the broker's).
 _SKIPPED_THREADS = ("prefetch_update_check", "_start_idle_reaper")
@@ -188,6 +190,44 @@ class _GroupedSubprocess:
         return subprocess.Popen(*args, **kwargs)
 
 
+class _LazySlashWorker:
+    """Hermes' slash worker, started by the session's first slash command instead of with the session.
+
+    Hermes starts `python -m tui_gateway.slash_worker` (a fresh interpreter that imports
+    Hermes: ~37 MiB USS, ~0.3 s of CPU) for every session it creates or resumes, in
+    one shared process; here every session already is a process of its own, and most
+    never send a `slash.exec` (the TUI handles most commands itself). The first one
+    pays the start, as it would in Hermes when it follows session.create closely.
+    Hermes only calls run() and close() on it."""
+
+    def __init__(self, session_key: str, model: str, profile_home: str | None = None) -> None:
+        self._args = (session_key, model, profile_home)
+        self._lock = threading.Lock()
+        self._worker: Any = None
+        self._closed = False
+
+    @property
+    def started(self) -> bool:
+        return self._worker is not None
+
+    def run(self, command: str) -> str:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("slash worker closed")
+            if self._worker is None:
+                key, model, home = self._args
+                self._worker = _EagerSlashWorker(key, model, profile_home=home)
+            worker = self._worker
+        return worker.run(command)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.close()
+
+
 class _Transport:
     """What Hermes writes to: thread-safe, never 'closed' (the broker owns the client connections)."""
 
@@ -241,6 +281,7 @@ class HermesRuntime:
         _no_update_check()
         _become_subreaper()
         server.subprocess = _GroupedSubprocess()  # type: ignore[attr-defined]
+        server._SlashWorker = _LazySlashWorker  # type: ignore[attr-defined]
         server._stdio_transport = self.transport  # frames with no session transport come to us, not stdout
         if self.lobby:
             self._check_store()
