@@ -387,7 +387,7 @@ async def soak(target: Target, cycles: int, every: int, grace: float) -> dict:
 
 async def latency(target: Target, runs: int, pause: float) -> dict:
     steps: dict[str, list[float]] = {k: [] for k in ("connect_ready", "create", "agent_ready", "first_delta",
-                                                     "complete")}
+                                                     "complete", "first_slash")}
     errors = 0
     for _ in range(runs):
         try:
@@ -403,8 +403,14 @@ async def latency(target: Target, runs: int, pause: float) -> dict:
             await c.call("prompt.submit", {"session_id": sid, "text": "hello"}, timeout=60)
             delta = await c.wait_event(is_(sid, "message.delta", t3), 60)
             done = await c.wait_event(is_(sid, "message.complete", t3), 120)
+            t4 = time.perf_counter()  # the session's first slash command (B starts Hermes' slash worker for it)
+            out = await c.call("slash.exec", {"session_id": sid, "command": "help"}, timeout=60)
+            t5 = time.perf_counter()
+            if not str(out.get("output", "")).strip():
+                raise RuntimeError(f"slash.exec help answered no output: {out}")
             for key, value in (("connect_ready", ready - t0), ("create", t2 - t1), ("agent_ready", info["_t"] - t1),
-                               ("first_delta", delta["_t"] - t3), ("complete", done["_t"] - t3)):
+                               ("first_delta", delta["_t"] - t3), ("complete", done["_t"] - t3),
+                               ("first_slash", t5 - t4)):
                 steps[key].append(value * 1000)
             await c.call("session.close", {"session_id": sid}, timeout=30)
             await c.close()
@@ -533,6 +539,7 @@ ROWS = [
     ("session.create → session.info (agent ready)", "latency.agent_ready", "ms", "within10"),
     ("prompt.submit → first message.delta", "latency.first_delta", "ms", "within10"),
     ("prompt.submit → message.complete", "latency.complete", "ms", "within10"),
+    ("then the session's first slash.exec (/help)", "latency.first_slash", "ms", "within10"),
     ("**Concurrency**", None, "", ""),
     (None, "concurrency.all_complete_ms", "ms", "within10"),
     ("CPU per turn in that run (gateway + descendants)", "concurrency.cpu_ms_per_turn", "ms", ""),
@@ -631,7 +638,8 @@ WHY = {
     "PSS per session": None,
     "threads per session": (
         "**Threads per session.** A session in A adds its turn's and its slash worker's threads to one shared "
-        "process (the slash worker's two pipe readers, the notification poller, …). A worker in B runs those too, "
+        "process (the slash worker's two pipe readers, the notification poller, …). A worker in B runs the turn's "
+        "and the poller's (the pipe readers only once a slash command started its slash worker), "
         "plus the six every worker has (main loop, parent watch, ZeroMQ's I/O and reaper threads, the Hermes "
         "dispatcher and state threads: a spare has exactly these six)."),
     "session.create → response": (
@@ -645,16 +653,20 @@ WHY = {
         "that has never run it: every page of the preloaded heap it writes to is copied first (~27 MiB, ~7,000 "
         "copy-on-write faults by the end of the first turn, see memory) and its CPU caches are cold. "
         "Measured aside, create → first turn complete took 0.28 s of CPU in B's worker plus 0.02 s in the broker, "
-        "0.25 s in A's gateway for a later session; the slash worker (~0.3 s of CPU to start, in both) starts in "
+        "0.25 s in A's gateway for a later session; in A the slash worker (~0.3 s of CPU to start) starts in "
         "the same window, so the two cores are saturated and the extra CPU shows in wall time, by an amount that "
         "moves with the other load on the machine (see Run to run)."),
     "prompt.submit → first message.delta": (
         "**First turn.** The same code in both; B's worker runs it for the first time in its process (copy-on-"
-        "write faults: see agent ready) while the slash worker is still starting, and "
-        "every event crosses the worker link and the broker before it reaches the WebSocket. Measured aside with "
-        "a 1 s pause after session.info (slash worker up), B's and A's turns were within ~10 ms of each other; "
+        "write faults: see agent ready), and every event crosses the worker link and the broker before it reaches the WebSocket. Measured aside with "
+        "a 1 s pause after session.info, B's and A's turns were within ~10 ms of each other; "
         "a warm session's turn alone is the row \"one warm session's turn alone\"."),
     "prompt.submit → message.complete": "same as first delta",
+    "then the session's first slash.exec": (
+        "**First slash command.** A started the session's slash worker with the session, so by the time the "
+        "turn is over it is up and /help is one round trip to it; B starts it for this first slash.exec "
+        "(a fresh interpreter importing Hermes, ~0.3 s of CPU), which is what B saves in memory for every "
+        "session that never sends one. Later slash commands in B go to the running slash worker, as in A."),
     "connect → gateway.ready": (
         "**Connect.** Both answer the WebSocket upgrade and send gateway.ready from one process; differences are "
         "the servers' (uvicorn + FastAPI in A, websockets in B)."),
@@ -691,8 +703,10 @@ def memory_note(doc: dict) -> str:
         f"**Memory per session.** Per session, A adds {a['per_session']['total_uss_mib_per_session']:g} MiB USS: "
         f"its slash worker ({_per_kind(a, 'slash_worker'):g} MiB; Hermes starts `python -m "
         f"tui_gateway.slash_worker` per session) and {a_gw:g} MiB in its own process. B adds "
-        f"{b['per_session']['total_uss_mib_per_session']:g} MiB: the same slash worker "
-        f"({_per_kind(b, 'slash_worker'):g} MiB) and the session's worker ({_per_kind(b, 'session_worker'):g} MiB). "
+        f"{b['per_session']['total_uss_mib_per_session']:g} MiB: "
+        + (f"the same slash worker ({_per_kind(b, 'slash_worker'):g} MiB) and " if _per_kind(b, "slash_worker")
+           else "no slash worker (started at a session's first slash.exec; these sessions sent none), and ")
+        + f"the session's worker ({_per_kind(b, 'session_worker'):g} MiB). "
         "The worker is forked from the fork server, which has imported Hermes (~1,900 modules) and filled its "
         "caches, so it shares that heap — until it writes to it: CPython 3.11 writes into every object it uses "
         "(reference counts, and the bytecode it specializes), so each page of the preloaded heap that building "
@@ -724,7 +738,7 @@ def closing_note(doc: dict, lost: list[str]) -> str:
         elif key == "concurrency":
             cpu = {k: doc["gateways"][k]["concurrency"].get("cpu_ms_per_turn") for k in ("A", "B")}
             text = (f"**Concurrency.** {n} turns at once on {doc['machine']['cores']} cores are bound by the CPU: "
-                    f"B used {cpu['B']:g} ms of CPU per turn (worker, broker, slash worker) where A used "
+                    f"B used {cpu['B']:g} ms of CPU per turn (worker and broker) where A used "
                     f"{cpu['A']:g} ms. A runs its turns as threads of one warm process; in B each turn runs in its "
                     "own worker, whose events all cross the ZeroMQ link and the broker's event loop.")
         if text and text not in out:
@@ -802,10 +816,13 @@ def markdown(doc: dict) -> str:
         f"(to message.complete) → abrupt close, sampled after a 3-cycle warm-up, every {p['sample_every']} cycles "
         f"and after the grace window ({graces}). Per session: {p['sessions']} live attached sessions (one "
         f"connection and one turn each), (all − before) / {p['sessions']} over the gateway and all its "
-        f"descendants. Latency: {p['runs']} runs, each on a fresh connection, then session.close; "
+        f"descendants. Latency: {p['runs']} runs, each on a fresh connection: create, one turn, then the session's "
+        "first slash.exec (/help), then session.close; "
         f"{p['pause']:g} s between runs. Concurrency: {p['concurrency']} of those live sessions prompt at once. "
         "`session.active_list` is what each gateway answers (A: every session it holds; B, C: attached ones and "
-        "those detached for less than --list-grace). Raw figures: bench/compare_hermes.json.",
+        "those detached for less than --list-grace). A starts Hermes' slash-worker subprocess with every session; "
+        "B starts it at a session's first slash.exec (docs/hermes.md), which only the latency runs send. "
+        "Raw figures: bench/compare_hermes.json.",
         "",
         tbl,
         "",
