@@ -261,6 +261,45 @@ def test_fifty_sessions_stream_concurrently_without_lock_errors(gateway_factory)
     assert "locked" not in log and "could not store" not in log
 
 
+def test_a_store_held_by_another_program_delays_a_prompt_and_kills_nobody(gateway_factory):
+    """Another program holds sessions.db's write lock longer than the heartbeat timeout: the prompt's
+    write-ahead waits (busy_timeout), the worker keeps beating, and the prompt is stored once the lock goes."""
+    hb, liveness, hold = 0.25, 4, 3.0  # lost after 1 s of silence; the lock is held three times that
+    gw = gateway_factory("--heartbeat-interval", str(hb), "--heartbeat-liveness", str(liveness))
+
+    async def go():
+        c = await Client.open(gw.url)
+        sid, key = await create(c)
+        await turns(c, sid, ["before the lock"])
+        pid = worker_pid(gw, sid)
+        holder = sqlite3.connect(str(gw.data_dir / "sessions.db"), timeout=10, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, as a sqlite3 shell in a transaction would hold it
+        t0 = time.monotonic()
+        try:
+            submit = asyncio.ensure_future(c.call("prompt.submit", {"session_id": sid, "text": "while locked"},
+                                                  timeout=30))
+            await asyncio.sleep(hold)
+            assert not submit.done(), "the prompt was answered before its write-ahead could commit"
+            assert pid_alive(pid), "the worker was killed while it waited for the store"
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert await submit == {"status": "streaming"}
+        waited = time.monotonic() - t0
+        done = await c.wait_event(lambda e: e["type"] == "message.complete" and e["session_id"] == sid
+                                  and e["payload"]["text"] == "while locked", 15)
+        assert done["payload"]["status"] == "complete"
+        reclaimed = [e for e in c.by_session[sid] if e["type"] == "session.reclaimed"]
+        await c.close()
+        return key, pid, waited, reclaimed
+
+    key, pid, waited, reclaimed = run(go(), 60)
+    assert waited >= hold and not reclaimed
+    assert "heartbeat lost" not in gw.log()
+    assert stored_messages(gw.data_dir, key)[-2:] == [("user", "while locked", None),
+                                                      ("assistant", "while locked", "complete")]
+
+
 # -- acceptance 5: a file that is not a database --------------------------------
 
 def test_corrupt_database_gateway_serves_but_refuses_sessions(tmp_dirs, gateway_factory):

@@ -257,6 +257,8 @@ def _dumps(obj: Any) -> str:
 class HermesRuntime:
     """The worker's runtime (same duck interface as SessionRuntime): handle, finalize, state, meta."""
 
+    dispatches_off_main = True  # handle() only queues: Hermes runs the call on its dispatcher thread
+
     def __init__(self, channel: Channel, config: dict) -> None:
         self.ch = channel
         self.config = config

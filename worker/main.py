@@ -9,6 +9,7 @@ import time
 
 from protocol import frames
 from worker import guard
+from worker.calls import CallRunner
 from worker.channel import Call, Channel
 from worker.link import Link
 from worker.store import Store, StoreError
@@ -88,14 +89,24 @@ def run(ident: bytes, config: dict, parent_pid: int) -> int:
 
     runtime.on_state = beat_now
 
+    def set_title_once() -> None:
+        if not titled[0] and getattr(runtime, "sid", None):
+            titled[0] = True
+            _set_title(_title(kind, runtime))
+
+    # handlers that may wait on the store run on their own thread, so the heartbeats go on (worker/calls.py);
+    # a runtime that already hands its calls to a thread of its own (hermes) is called directly
+    runner = None if getattr(runtime, "dispatches_off_main", False) else CallRunner(runtime.handle, set_title_once)
+
     def on_frame(frame: dict) -> None:
         kind_ = frame["k"]
         if kind_ == frames.CALL:
             call = Call(channel, frame["rid"], frame.get("id"), frame["method"], frame["params"])
-            runtime.handle(call)
-            if not titled[0] and getattr(runtime, "sid", None):
-                titled[0] = True
-                _set_title(_title(kind, runtime))
+            if runner is not None:
+                runner.call(call)
+            else:
+                runtime.handle(call)
+                set_title_once()
         elif kind_ == frames.STOP:
             stop_reason.append(frame["reason"])
             link.running = False
@@ -103,7 +114,9 @@ def run(ident: bytes, config: dict, parent_pid: int) -> int:
             record = getattr(runtime, "record_end", None)  # the lobby's job
             if record is not None:
                 at = frame.get("at")
-                record(frame["key"], frame["reason"], float(at) if isinstance(at, (int, float)) else time.time())
+                at = float(at) if isinstance(at, (int, float)) else time.time()
+                job = lambda: record(frame["key"], frame["reason"], at)  # noqa: E731
+                runner.later(job) if runner is not None else job()
 
     def tick() -> None:
         slash = getattr(runtime, "slash", None)
@@ -114,6 +127,8 @@ def run(ident: bytes, config: dict, parent_pid: int) -> int:
 
     link.post(frames.pack(frames.HELLO, pid=os.getpid(), kind=kind, meta=runtime.meta()))
     link.serve(on_frame, heartbeat, tick)
+    if runner is not None:
+        runner.close(timeout=1.0)  # a handler still waiting on the store is abandoned: finalize records the end
     runtime.finalize(stop_reason[0] if stop_reason else "stopped")
     link.post(frames.pack(frames.BYE, reason=stop_reason[0] if stop_reason else "stopped"))
     link._flush()
