@@ -653,9 +653,10 @@ WHY = {
         "that has never run it: every page of the preloaded heap it writes to is copied first (~27 MiB, ~7,000 "
         "copy-on-write faults by the end of the first turn, see memory) and its CPU caches are cold. "
         "Measured aside, create → first turn complete took 0.28 s of CPU in B's worker plus 0.02 s in the broker, "
-        "0.25 s in A's gateway for a later session; in A the slash worker (~0.3 s of CPU to start) starts in "
-        "the same window, so the two cores are saturated and the extra CPU shows in wall time, by an amount that "
-        "moves with the other load on the machine (see Run to run)."),
+        "0.25 s in A's gateway for a later session. A also starts the session's slash worker (~0.3 s of CPU) "
+        "in that window, next to its agent build; B starts none until a slash command. On two cores both "
+        "gateways saturate the CPU here, so the difference shows in wall time by an amount that moves with the "
+        "other load on the machine (see Run to run)."),
     "prompt.submit → first message.delta": (
         "**First turn.** The same code in both; B's worker runs it for the first time in its process (copy-on-"
         "write faults: see agent ready), and every event crosses the worker link and the broker before it reaches the WebSocket. Measured aside with "
