@@ -341,8 +341,10 @@ class Checker:
         seen = [self.resources()]
 
         def settled() -> bool:
+            # RSS too: the broker hands freed heap back (malloc_trim) about 1 s after the last worker went
             seen[0] = r = self.resources()
-            return r.threads == base.threads and r.fds == base.fds
+            return (r.threads == base.threads and r.fds == base.fds
+                    and (warm_rss is None or r.rss <= warm_rss + RSS_SLACK))
 
         await settle(settled, timeout)
         now = seen[0]
