@@ -34,6 +34,7 @@ import time
 from typing import Any, Callable
 
 from protocol.jsonrpc import BAD_VALUE, INTERNAL_ERROR
+from worker.calls import INLINE
 from worker.channel import Call, Channel
 
 # What building an agent and running its first turn import (measured on 0.19.0: ~1500 modules, most of them
@@ -123,9 +124,6 @@ _threads_started = False
 
 # A bound worker hosts exactly one session: methods that would open a second one here are refused.
 _ONE_SESSION_ONLY = frozenset({"session.branch"})
-# Calls that unblock or stop a turn; they must not wait behind a slow call on the dispatcher thread.
-_FAST_LANE = frozenset({"session.interrupt", "approval.respond", "clarify.respond", "sudo.respond",
-                        "secret.respond"})
 _STATES = {"working": "working", "waiting": "waiting"}  # Hermes' live status -> the broker's; else idle
 FINALIZE_TIMEOUT = 2.0  # s: the broker's stop ladder sends SIGTERM after stop_timeout / 2
 PR_SET_CHILD_SUBREAPER = 36
@@ -205,10 +203,6 @@ class _LazySlashWorker:
         self._lock = threading.Lock()
         self._worker: Any = None
         self._closed = False
-
-    @property
-    def started(self) -> bool:
-        return self._worker is not None
 
     def run(self, command: str) -> str:
         with self._lock:
@@ -308,7 +302,7 @@ class HermesRuntime:
             # the broker found this session live here (by runtime id or stored key): Hermes re-uses a live
             # session when asked for its stored key, so a client's recovery by runtime id works too
             call.params = dict(call.params, session_id=self.key)
-        if call.method in _FAST_LANE:
+        if call.method in INLINE:  # unblocks or stops a turn: never behind a slow call on the dispatcher
             threading.Thread(target=self._dispatch, args=(call,), name="hermes-fast", daemon=True).start()
         else:
             self._queue.put(call)

@@ -115,8 +115,10 @@ def run(ident: bytes, config: dict, parent_pid: int) -> int:
             if record is not None:
                 at = frame.get("at")
                 at = float(at) if isinstance(at, (int, float)) else time.time()
-                job = lambda: record(frame["key"], frame["reason"], at)  # noqa: E731
-                runner.later(job) if runner is not None else job()
+                if runner is not None:
+                    runner.later(lambda: record(frame["key"], frame["reason"], at))
+                else:
+                    record(frame["key"], frame["reason"], at)
 
     def tick() -> None:
         slash = getattr(runtime, "slash", None)
