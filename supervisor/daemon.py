@@ -11,12 +11,13 @@ from typing import Awaitable, Callable
 
 from protocol import __version__
 from supervisor import config as config_mod
-from supervisor import log, ops
-from supervisor.broker import Broker
+from supervisor import log
+from supervisor.ops import wiring as ops
+from supervisor.broker.broker import Broker
 from supervisor.config import Config
-from supervisor.front import Front, url_for
-from supervisor.gateway import Gateway
-from supervisor.journal import Journal, kill_leftovers
+from supervisor.clients.front import Front, url_for
+from supervisor.clients.gateway import Gateway
+from supervisor.ops.journal import Journal, kill_leftovers
 from supervisor.paths import LockHeld, RuntimePaths
 
 

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from supervisor import front
+from supervisor.clients import front
 from supervisor.config import Config
 from tests.client import Client
 from tests.conftest import pid_alive, run, wait_for

@@ -170,19 +170,20 @@ def test_ps_exit_codes_when_no_gateway(tmp_dirs, gateway_factory):
 
 
 def test_ps_json_does_not_import_the_daemon_or_psutil(gateway):
-    code = ("import sys, io, contextlib\nfrom supervisor import ps\n"
+    code = ("import sys, io, contextlib\nfrom supervisor.commands import ps\n"
             f"with contextlib.redirect_stdout(io.StringIO()): rc = ps.main(['--json', '--runtime-dir', {str(gateway.runtime_dir)!r}])\n"
             "print(rc, ' '.join(sorted(sys.modules)))")
     out = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, timeout=30)
     rc, mods = out.stdout.split(" ", 1)
     assert rc == "0", out.stderr
     loaded = set(mods.split())
-    for heavy in ("psutil", "prometheus_client", "supervisor.broker", "supervisor.config", "websockets", "asyncio"):
+    for heavy in ("psutil", "prometheus_client", "supervisor.broker", "supervisor.broker.broker", "supervisor.config", "websockets", "asyncio"):
         assert heavy not in loaded, heavy
 
 
 def test_ps_default_runtime_dir_is_the_gateways(tmp_dirs, monkeypatch):
-    from supervisor import config, ps as ps_mod
+    from supervisor import config
+    from supervisor.commands import ps as ps_mod
 
     monkeypatch.delenv("HERMES_GATEWAY_RUNTIME_DIR", raising=False)
     for xdg in (str(tmp_dirs), str(tmp_dirs / "absent"), None):
@@ -351,7 +352,7 @@ def gateway_factory_workers(gw) -> list[int]:
 
 
 def test_sd_notify_abstract_socket_and_no_socket():
-    from supervisor.sdnotify import Notifier
+    from supervisor.ops.sdnotify import Notifier
 
     name = f"hermes-test-{os.getpid()}-{time.monotonic_ns()}"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from supervisor import ps
+from supervisor.commands import ps
 from tests.conftest import BIN
 
 

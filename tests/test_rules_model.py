@@ -1,8 +1,8 @@
 """Issue 3 acceptance 7: the reaper's rules as a hypothesis state machine with a fake clock.
 
-The machine drives the broker's real records (supervisor.table Worker/Session and
+The machine drives the broker's real records (supervisor.broker.table Worker/Session and
 their attach/detach/beat transitions) and the real decision function of a reaper
-tick (supervisor.rules.plan_tick), the same one Broker.tick acts on. Time only moves
+tick (supervisor.broker.rules.plan_tick), the same one Broker.tick acts on. Time only moves
 when the machine says so; a tick runs every TICK seconds of fake time, as the
 broker's loop does, and also at arbitrary moments in between.
 
@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from supervisor.rules import BUSY_STATES, Limits, eviction_order, plan_tick, reap_reason
-from supervisor.table import Session, Worker
+from supervisor.broker.rules import BUSY_STATES, Limits, eviction_order, plan_tick, reap_reason
+from supervisor.broker.table import Session, Worker
 
 TICK = 0.2
 EPS = 1e-9

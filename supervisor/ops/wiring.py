@@ -11,10 +11,10 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from supervisor import log
-from supervisor.control import ControlServer
-from supervisor.monitor import Monitor
-from supervisor.sampler import Sampler
-from supervisor.sdnotify import Notifier
+from supervisor.ops.control import ControlServer
+from supervisor.ops.monitor import Monitor
+from supervisor.ops.sampler import Sampler
+from supervisor.ops.sdnotify import Notifier
 
 if TYPE_CHECKING:
     from supervisor.daemon import Daemon
@@ -47,7 +47,7 @@ class Ops:
         self._flush_pending = False
         self._live = False
         try:
-            from supervisor.metrics import Metrics
+            from supervisor.ops.metrics import Metrics
 
             self.metrics = Metrics(daemon, self.sampler)
         except ImportError as exc:  # prometheus-client is a dependency; a broken install must not stop the daemon

@@ -15,8 +15,8 @@ from protocol import jsonrpc
 from protocol.jsonrpc import RpcError
 from protocol.methods import ATTACHING_METHODS, Scope, scope_of
 from supervisor import log
-from supervisor.broker import Broker, Client
-from supervisor.table import Session, Worker
+from supervisor.broker.broker import Broker, Client
+from supervisor.broker.table import Session, Worker
 
 Sink = Callable[[str | bytes], None]
 START_TRIES = 3  # workers a create/resume may go through when they die before answering
@@ -302,6 +302,6 @@ class Gateway:
 
 
 def _eviction(b: Broker) -> list[str]:
-    from supervisor.rules import eviction_order
+    from supervisor.broker.rules import eviction_order
 
     return eviction_order([(s.sid, s.detached_at, s.state) for s in b.sessions.values() if not s.worker.stopping])

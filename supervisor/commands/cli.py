@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return daemon.run(cfg)
     if args.command == "install-service":
-        from supervisor import service
+        from supervisor.commands import service
 
         return service.main(args)
     return 2

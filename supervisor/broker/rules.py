@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:
-    from supervisor.table import Session, Worker
+    from supervisor.broker.table import Session, Worker
 
 BUSY_STATES = frozenset({"working", "waiting"})
 

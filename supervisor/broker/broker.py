@@ -22,13 +22,13 @@ import zmq
 
 from protocol import frames, jsonrpc
 from supervisor import log
-from supervisor.memory import release_free_memory
+from supervisor.broker.memory import release_free_memory
 from supervisor.config import Config
-from supervisor.journal import Journal, JournalEntry
+from supervisor.ops.journal import Journal, JournalEntry
 from supervisor.paths import RuntimePaths
-from supervisor.rules import Limits, plan_tick, session_reap_reason
-from supervisor.spawner import Spawner
-from supervisor.table import Session, Worker
+from supervisor.broker.rules import Limits, plan_tick, session_reap_reason
+from supervisor.broker.spawner import Spawner
+from supervisor.broker.table import Session, Worker
 from worker import preload
 
 DRAIN_BATCH = 2000  # frames per drain before yielding to other callbacks

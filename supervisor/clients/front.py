@@ -23,9 +23,9 @@ from websockets.http11 import Request, Response
 from protocol import jsonrpc
 from protocol.jsonrpc import RpcError
 from supervisor import log
-from supervisor.broker import Broker
+from supervisor.broker.broker import Broker
 from supervisor.config import Config
-from supervisor.gateway import Gateway
+from supervisor.clients.gateway import Gateway
 
 WS_PATH = "/api/ws"
 CLOSE_BAD_TOKEN = 4401

@@ -26,7 +26,7 @@ _DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def gateway_command(config: str | None) -> list[str]:
     """The venv's own entry point (not a PATH lookup), so the service runs the code this venv has."""
     exe = os.path.join(os.path.dirname(sys.executable), "hermes-gateway")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "supervisor.cli"]
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "supervisor.commands.cli"]
     cmd.append("run")
     if config:
         cmd += ["--config", os.path.abspath(os.path.expanduser(config))]

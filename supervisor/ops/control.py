@@ -25,11 +25,11 @@ import zmq
 
 from protocol import __version__
 from supervisor import log
-from supervisor.sampler import Figures, Sampler
+from supervisor.ops.sampler import Figures, Sampler
 
 if TYPE_CHECKING:
     from supervisor.daemon import Daemon
-    from supervisor.table import Worker
+    from supervisor.broker.table import Worker
 
 VERSION = 1
 MAX_REQUEST = 64 * 1024

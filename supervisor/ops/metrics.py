@@ -25,11 +25,11 @@ from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
 from protocol import __version__
-from supervisor.control import worker_row
+from supervisor.ops.control import worker_row
 
 if TYPE_CHECKING:
     from supervisor.daemon import Daemon
-    from supervisor.sampler import Sampler
+    from supervisor.ops.sampler import Sampler
 
 PATH = "/metrics"
 NS = "hermes_gateway"

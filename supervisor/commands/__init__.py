@@ -1,0 +1,1 @@
+"""The command lines: hermes-gateway, hermes-ps, install-service."""
