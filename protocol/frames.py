@@ -1,8 +1,10 @@
 """Broker <-> worker frames: one msgpack map per ZeroMQ message, defined once here.
 
 Worker -> broker
-  hello  {pid, kind}                          register (kind: lobby | spare)
-  hb     {state, seq, meta?}                  heartbeat; also sent at once on a state change
+  hello  {pid, kind, meta?, caps?}            register (kind: lobby | spare); meta: protocol.lifecycle.WorkerMeta;
+                                              caps: capabilities (protocol.lifecycle, e.g. hosts_session_methods)
+  hb     {state, meta?}                       heartbeat; also sent at once on a state change; meta only when it
+                                              changed
   res    {rid, json, bind?}                   response to a call; `json` is the client's JSON-RPC text,
                                               `bind` = {sid, key} when the worker took a session
   ev     {seq, type, json}                    session event; `json` is the client's event text
@@ -12,7 +14,8 @@ Worker -> broker
   bye    {reason}                             the worker is about to exit on its own
 Broker -> worker
   call   {rid, id, method, params}            a client call (id: the client's JSON-RPC id)
-  stop   {reason}                             finalize (flush history) and exit
+  stop   {reason}                             finalize (flush history) and exit; the worker's finalize budget is
+                                              derived from config["stop_timeout"] (see worker/budget.py)
   ended  {key, reason, at?}                   to the lobby: a session's worker died without finalizing
                                               (killed, crashed); record `reason` on the stored row
 
@@ -35,7 +38,7 @@ EVS = "evs"
 # Required fields and their types, per kind.
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     HELLO: {"pid": int, "kind": str},
-    HB: {"state": str, "seq": int},
+    HB: {"state": str},
     RES: {"rid": int, "json": (bytes, str)},
     EV: {"seq": int, "type": str, "json": (bytes, str)},
     EVS: {"items": list},

@@ -78,6 +78,7 @@ class Config:
         return {
             "runtime": self.runtime, "agent": self.agent, "echo_delay": self.echo_delay,
             "heartbeat_interval": self.heartbeat_interval, "slash_timeout": self.slash_timeout,
+            "stop_timeout": self.stop_timeout,  # the worker derives its finalize waits from it (worker/budget.py)
             "store_path": os.path.join(self.data_dir, "sessions.db") if self.persist else "",
             "data_dir": self.data_dir,
             "openai_base_url": self.openai_base_url, "openai_model": self.openai_model,

@@ -12,8 +12,8 @@ from protocol.frames import FrameError
 
 # One valid example of every kind, with the fields the schema requires (plus the optional ones in use).
 EXAMPLES: dict[str, dict] = {
-    frames.HELLO: {"pid": 4242, "kind": "spare", "meta": {"store_error": ""}},
-    frames.HB: {"state": "idle", "seq": 7, "meta": {"title": "t", "message_count": 3}},
+    frames.HELLO: {"pid": 4242, "kind": "spare", "meta": {"store_error": ""}, "caps": ["hosts_session_methods"]},
+    frames.HB: {"state": "idle", "meta": {"title": "t", "message_count": 3}},
     frames.RES: {"rid": 12, "json": b'{"jsonrpc":"2.0","id":1,"result":{}}', "bind": {"sid": "abcd1234", "key": "k"}},
     frames.EV: {"seq": 3, "type": "message.delta", "json": '{"jsonrpc":"2.0","method":"event"}'},
     frames.EVS: {"items": [[4, "message.delta", b'{"a":1}'], [5, "message.complete", '{"b":2}']]},

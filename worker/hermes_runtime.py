@@ -34,6 +34,9 @@ import time
 from typing import Any, Callable
 
 from protocol.jsonrpc import BAD_VALUE, INTERNAL_ERROR
+from protocol.lifecycle import HOSTS_SESSION_METHODS
+from protocol.titles import set_title, worker_title
+from worker.budget import stop_budget
 from worker.calls import INLINE
 from worker.channel import Call, Channel
 
@@ -125,7 +128,6 @@ _threads_started = False
 # A bound worker hosts exactly one session: methods that would open a second one here are refused.
 _ONE_SESSION_ONLY = frozenset({"session.branch"})
 _STATES = {"working": "working", "waiting": "waiting"}  # Hermes' live status -> the broker's; else idle
-FINALIZE_TIMEOUT = 2.0  # s: the broker's stop ladder sends SIGTERM after stop_timeout / 2
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -249,9 +251,10 @@ def _dumps(obj: Any) -> str:
 
 
 class HermesRuntime:
-    """The worker's runtime (same duck interface as SessionRuntime): handle, finalize, state, meta."""
+    """worker.runtime.Runtime hosting Hermes' own dispatch (a session, or the lobby's global methods)."""
 
     dispatches_off_main = True  # handle() only queues: Hermes runs the call on its dispatcher thread
+    caps = frozenset({HOSTS_SESSION_METHODS})  # Hermes answers every method of its session, not only ours
 
     def __init__(self, channel: Channel, config: dict) -> None:
         self.ch = channel
@@ -369,8 +372,8 @@ class HermesRuntime:
         self.started_at = float(started) if isinstance(started, (int, float)) else time.time()
         self.ch.sid = self.sid
         self.meta_dirty = True
-        from worker.main import _set_title, _title  # the title tests and hermes-ps read; set here, not
-        _set_title(_title("session", self))          # on the next call, as the bind happens off the main thread
+        # the title tests and hermes-ps read; set here, as the bind happens off the main thread
+        set_title(worker_title("session", self.sid, self.key))
         return {"sid": self.sid, "key": self.key, **self.meta()}
 
     # -- events ---------------------------------------------------------------
@@ -460,8 +463,11 @@ class HermesRuntime:
         if self.sid is not None:
             closer = threading.Thread(target=self._close, args=(reason,), name="hermes-close", daemon=True)
             closer.start()
-            closer.join(FINALIZE_TIMEOUT)
+            closer.join(stop_budget(self.config).finalize)
         _kill_descendants()
+
+    def tick(self) -> None:
+        pass  # Hermes' slash worker keeps its own deadlines
 
     def _close(self, reason: str) -> None:
         try:

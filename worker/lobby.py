@@ -15,13 +15,20 @@ _CONFIG_MTIME = time.time()
 
 
 class LobbyRuntime:
+    """worker.runtime.Runtime for the lobby: no session, no turns, never busy."""
+
     state = "idle"
     meta_dirty = False
+    sid: str | None = None
+    key: str | None = None
+    dispatches_off_main = False
+    caps: frozenset[str] = frozenset()
 
     def __init__(self, config: dict, store: Store | None, store_error: str | None) -> None:
         self.config = config
         self.store = store
         self.store_error = store_error
+        self.on_state: Callable[[], None] = lambda: None
         self.handlers: dict[str, Callable[[Call], None]] = {
             "commands.catalog": lambda c: c.reply(commands.catalog()),
             "setup.status": self.setup_status,
@@ -45,6 +52,9 @@ class LobbyRuntime:
         return {"store_error": (self.store_error or "") if self.config.get("store_path") else ""}
 
     def finalize(self, reason: str) -> None:
+        pass
+
+    def tick(self) -> None:
         pass
 
     def record_end(self, key: str, reason: str, at: float) -> None:

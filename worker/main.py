@@ -8,10 +8,13 @@ import sys
 import time
 
 from protocol import frames
+from protocol.titles import set_title, worker_title
 from worker import guard
+from worker.budget import stop_budget
 from worker.calls import CallRunner
 from worker.channel import Call, Channel
 from worker.link import Link
+from worker.runtime import Runtime
 from worker.store import Store, StoreError
 
 
@@ -28,43 +31,29 @@ def _open_store(config: dict) -> tuple[Store | None, str | None]:
         return None, str(exc)
 
 
-def _title(kind: str, runtime) -> str:
+def _runtime(kind: str, config: dict, channel: Channel, store: Store | None, store_error: str | None) -> Runtime:
+    if config.get("runtime", "builtin") == "hermes":
+        from worker.hermes_runtime import HermesRuntime
+
+        return HermesRuntime(channel, config)  # the lobby too: global methods go through Hermes' dispatch
     if kind == "lobby":
-        return "hermes-worker: lobby"
-    sid = getattr(runtime, "sid", None)
-    if not sid:
-        return "hermes-worker: spare"
-    return f"hermes-worker: session={sid} key={getattr(runtime, 'key', '')}"
+        from worker.lobby import LobbyRuntime
 
+        return LobbyRuntime(config, store, store_error)
+    from worker.session import SessionRuntime
 
-def _set_title(text: str) -> None:
-    try:
-        from setproctitle import setproctitle
-
-        setproctitle(text)
-    except ImportError:
-        pass
+    return SessionRuntime(channel, config, store, store_error)
 
 
 def run(ident: bytes, config: dict, parent_pid: int) -> int:
     guard.watch_parent(parent_pid)
     kind = config.get("kind", "spare")
-    _set_title(f"hermes-worker: {kind}")
+    set_title(worker_title(kind))
     link = Link(config["endpoint"], ident, float(config.get("heartbeat_interval", 1.0)))
     channel = Channel(link)
     store, store_error = _open_store(config)
-    if config.get("runtime", "builtin") == "hermes":
-        from worker.hermes_runtime import HermesRuntime
-
-        runtime = HermesRuntime(channel, config)  # the lobby too: global methods go through Hermes' dispatch
-    elif kind == "lobby":
-        from worker.lobby import LobbyRuntime
-
-        runtime = LobbyRuntime(config, store, store_error)
-    else:
-        from worker.session import SessionRuntime
-
-        runtime = SessionRuntime(channel, config, store, store_error)
+    runtime = _runtime(kind, config, channel, store, store_error)
+    budget = stop_budget(config)
 
     stop_reason: list[str] = []
 
@@ -76,7 +65,7 @@ def run(ident: bytes, config: dict, parent_pid: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def heartbeat() -> bytes:
-        fields = {"state": runtime.state, "seq": channel.seq}
+        fields: dict = {"state": runtime.state}
         if runtime.meta_dirty:
             runtime.meta_dirty = False
             fields["meta"] = runtime.meta()
@@ -90,13 +79,19 @@ def run(ident: bytes, config: dict, parent_pid: int) -> int:
     runtime.on_state = beat_now
 
     def set_title_once() -> None:
-        if not titled[0] and getattr(runtime, "sid", None):
+        if not titled[0] and runtime.sid:
             titled[0] = True
-            _set_title(_title(kind, runtime))
+            set_title(worker_title(kind, runtime.sid, runtime.key or ""))
 
     # handlers that may wait on the store run on their own thread, so the heartbeats go on (worker/calls.py);
     # a runtime that already hands its calls to a thread of its own (hermes) is called directly
-    runner = None if getattr(runtime, "dispatches_off_main", False) else CallRunner(runtime.handle, set_title_once)
+    runner = None if runtime.dispatches_off_main else CallRunner(runtime.handle, set_title_once)
+
+    def later(job) -> None:
+        if runner is not None:
+            runner.later(job)
+        else:
+            job()
 
     def on_frame(frame: dict) -> None:
         kind_ = frame["k"]
@@ -111,26 +106,19 @@ def run(ident: bytes, config: dict, parent_pid: int) -> int:
             stop_reason.append(frame["reason"])
             link.running = False
         elif kind_ == frames.ENDED:
-            record = getattr(runtime, "record_end", None)  # the lobby's job
-            if record is not None:
-                at = frame.get("at")
-                at = float(at) if isinstance(at, (int, float)) else time.time()
-                if runner is not None:
-                    runner.later(lambda: record(frame["key"], frame["reason"], at))
-                else:
-                    record(frame["key"], frame["reason"], at)
+            at = frame.get("at")
+            at = float(at) if isinstance(at, (int, float)) else time.time()
+            later(lambda: runtime.record_end(frame["key"], frame["reason"], at))
 
     def tick() -> None:
-        slash = getattr(runtime, "slash", None)
-        if slash is not None:
-            slash.check_deadline()
+        runtime.tick()
         if runtime.meta_dirty:
             beat_now()
 
-    link.post(frames.pack(frames.HELLO, pid=os.getpid(), kind=kind, meta=runtime.meta()))
+    link.post(frames.pack(frames.HELLO, pid=os.getpid(), kind=kind, meta=runtime.meta(), caps=sorted(runtime.caps)))
     link.serve(on_frame, heartbeat, tick)
     if runner is not None:
-        runner.close(timeout=1.0)  # a handler still waiting on the store is abandoned: finalize records the end
+        runner.close(timeout=budget.calls)  # a handler still waiting on the store is abandoned: finalize records it
     runtime.finalize(stop_reason[0] if stop_reason else "stopped")
     link.post(frames.pack(frames.BYE, reason=stop_reason[0] if stop_reason else "stopped"))
     link._flush()

@@ -1,9 +1,10 @@
 """The builtin session runtime: one session, its history, agent turns, slash worker and poller.
 
 A spare worker runs this unbound; `session.create` or `session.resume` binds it to
-one session for the rest of its life. Calls are dispatched on the worker's main
-thread and must return quickly: turns, slash commands and background tasks run
-on their own threads and answer or emit from there.
+one session for the rest of its life. Calls are handled one at a time on the worker's
+`calls` thread (worker/calls.py; interrupts inline on the main thread) and must return
+quickly: turns, slash commands and background tasks run on their own threads and
+answer or emit from there.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from protocol.jsonrpc import (
 )
 from worker import commands
 from worker.agents import Agent, TurnResult, make_agent
+from worker.budget import stop_budget
 from worker.channel import Call, Channel, dispatch
 from worker.poller import Completion, NotificationPoller
 from worker.slash import SlashWorker
@@ -32,6 +34,11 @@ PARTIAL_COMMIT_INTERVAL = 1.0  # s: a killed worker loses at most this much of a
 
 
 class SessionRuntime:
+    """worker.runtime.Runtime for one builtin session."""
+
+    dispatches_off_main = False  # main.py runs handle() on its calls thread
+    caps: frozenset[str] = frozenset()  # answers the methods of protocol.methods only
+
     def __init__(self, channel: Channel, config: dict, store: Store | None, store_error: str | None) -> None:
         self.ch = channel
         self.config = config
@@ -57,6 +64,7 @@ class SessionRuntime:
         self._turn_thread = threading.Thread(target=self._turn_loop, name="turns", daemon=True)
         self._turn_thread.start()
         self.slash = SlashWorker(timeout=float(config.get("slash_timeout", 30.0)))
+        self.budget = stop_budget(config)
         self.poller = NotificationPoller(self.ch.emit)
         self._background = 0
         self.handlers: dict[str, Callable[[Call], None]] = {
@@ -208,8 +216,14 @@ class SessionRuntime:
         self.poller.stop()
         self._turns.put(None)
         # a turn in flight commits its partial text as interrupted before the process goes
-        if self._busy.acquire(timeout=1.0):
+        if self._busy.acquire(timeout=self.budget.turn):
             self._busy.release()
+
+    def tick(self) -> None:
+        self.slash.check_deadline()
+
+    def record_end(self, key: str, reason: str, at: float) -> None:
+        pass  # the lobby's job
 
     # -- turns ----------------------------------------------------------------
     def submit(self, call: Call) -> None:

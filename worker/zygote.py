@@ -28,6 +28,7 @@ import sys
 
 import msgpack
 
+from protocol.titles import ZYGOTE, set_title
 from worker import guard
 import worker.main  # noqa: F401  (preloaded so a fork does not pay for the import)
 
@@ -158,12 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # SIGTERM, not SIGKILL: the handler takes every worker's group down before the zygote goes
     guard.set_parent_death_signal(signal.SIGTERM)
-    try:
-        from setproctitle import setproctitle
-
-        setproctitle("hermes-zygote")
-    except ImportError:
-        pass
+    set_title(ZYGOTE)
     for name in args.preload:
         importlib.import_module(name)
     sock = socket.socket(fileno=args.fd)
