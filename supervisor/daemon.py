@@ -1,4 +1,9 @@
-"""The daemon: take the lock, clean up after a dead predecessor, start broker and front, run until a signal."""
+"""The daemon, top to bottom: take the lock, clean up after a dead predecessor, start the broker and the
+front, run until a signal, then drain and stop in order.
+
+It is also what operations see of the gateway (ops.port.Supervised): a read-only
+snapshot, the counts, accept/drain, kill, and hook registration.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,20 @@ import os
 import signal
 import sys
 import time
-from typing import Awaitable, Callable
+from typing import Any, Callable
 
 from protocol import __version__
 from supervisor import config as config_mod
 from supervisor import log
-from supervisor.ops import wiring as ops
 from supervisor.broker.broker import Broker
-from supervisor.config import Config
+from supervisor.broker.views import worker_row
 from supervisor.clients.front import Front, url_for
 from supervisor.clients.gateway import Gateway
+from supervisor.config import Config
+from supervisor.hooks import Hooks
 from supervisor.ops.journal import Journal, kill_leftovers
+from supervisor.ops.port import Snapshot
+from supervisor.ops.wiring import Ops
 from supervisor.paths import LockHeld, RuntimePaths
 
 
@@ -25,6 +33,7 @@ class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.paths = RuntimePaths(cfg.runtime_dir)
+        self.runtime_root = self.paths.root
         self.journal = Journal(os.path.join(cfg.data_dir, "workers.json"))
         self.broker = Broker(cfg, self.paths, self.journal)
         self.gateway = Gateway(self.broker)
@@ -32,29 +41,25 @@ class Daemon:
         self.token = ""
         self.stopping = asyncio.Event()
         self.started_at = time.time()
-        # extension points for operations (sd_notify, metrics, control endpoint, monitor)
-        self.on_ready: list[Callable[[], Awaitable[None] | None]] = []
-        self.on_stopping: list[Callable[[], Awaitable[None] | None]] = []
-        self.on_reload: list[Callable[[dict], None]] = []
-        self.on_reloading: list[Callable[[], None]] = []  # SIGHUP received, before the file is read
-        self.on_stopped: list[Callable[[], Awaitable[None] | None]] = []  # workers finalized, about to exit
+        self._changed = Hooks[[]]("on_change")
+        self.broker.on_change = self._changed.run
+        self._routes: dict[str, Callable[..., Any]] = {}
+        # the lifecycle's extension points (operations hang off them: ops/wiring.py)
+        self.on_ready = Hooks[[]]("on_ready")
+        self.on_reloading = Hooks[[]]("on_reloading")  # SIGHUP received, before the file is read
+        self.on_reload = Hooks[[dict]]("on_reload")
+        self.on_stopping = Hooks[[]]("on_stopping")
+        self.on_stopped = Hooks[[]]("on_stopped")  # workers finalized, about to exit
 
+    # -- serve ------------------------------------------------------------------
     async def run(self) -> int:
         self.paths.ensure()
         os.makedirs(self.cfg.data_dir, mode=0o700, exist_ok=True)
         self._lock_fd = self.paths.lock()
-        left = self.journal.load()
-        for entry in kill_leftovers(left):
-            log.warning("killed a worker left by a previous broker", pid=entry.pid, kind=entry.kind,
-                        session=entry.session)
-        for entry in left:
-            if entry.kind == "session" and entry.session:
-                # its worker died with the previous broker (or was just killed) without finalizing:
-                # the lobby records why, unless the row was ended already
-                self.broker.note_end(entry.session, "gateway_lost")
-        self.journal.clear()
+        self._clean_up_after_predecessor()
         self.token = self.paths.write_token(self.cfg.token)
         self.front = Front(self.cfg, self.broker, self.gateway, self.token)
+        self.front.http_routes.update(self._routes)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -72,31 +77,39 @@ class Daemon:
         log.info("gateway listening", url=url.split("?")[0], pid=os.getpid(), runtime=self.cfg.runtime,
                  agent=self.cfg.agent, token_file=self.paths.token_file)
         self._banner(url)
-        for hook in self.on_ready:
-            await _maybe(hook())
+        await self.on_ready.run_async()
         await self.stopping.wait()
         await self.shutdown()
         return 0
 
+    def _clean_up_after_predecessor(self) -> None:
+        left = self.journal.load()
+        for entry in kill_leftovers(left):
+            log.warning("killed a worker left by a previous broker", pid=entry.pid, kind=entry.kind,
+                        session=entry.session)
+        for entry in left:
+            if entry.kind == "session" and entry.session:
+                # its worker died with the previous broker (or was just killed) without finalizing:
+                # the lobby records why, unless the row was ended already
+                self.broker.note_end(entry.session, "gateway_lost")
+        self.journal.clear()
+
     async def shutdown(self) -> None:
+        """Stop accepting, finalize every worker, close every client, then the operations pieces."""
         t0 = time.monotonic()
-        log.info("gateway stopping", sessions=len(self.broker.sessions))
-        for hook in self.on_stopping:
-            await _maybe(hook())
+        log.info("gateway stopping", sessions=len(self.broker.sessions.sessions))
+        await self.on_stopping.run_async()
         assert self.front is not None
         await self.front.stop_accepting()
-        self.broker.accepting = False
         await self.broker.shutdown()
         await self.front.close_all()
         self.paths.remove_live_files()
-        for hook in self.on_stopped:
-            await _maybe(hook())
+        await self.on_stopped.run_async()
         log.info("gateway stopped", took=round(time.monotonic() - t0, 3))
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file and apply lifecycle values to the running table."""
-        for hook in self.on_reloading:
-            hook()
+        self.on_reloading.run()
         if not self.cfg.config:
             log.info("SIGHUP: no config file to reload")
             return
@@ -120,9 +133,8 @@ class Daemon:
         if "log_level" in changed:
             log.set_level(self.cfg.log_level)
         log.info("config reloaded", changed=",".join(f"{k}:{a}->{b}" for k, (a, b) in changed.items()) or "nothing")
-        for hook in self.on_reload:
-            hook(changed)
-        self.broker.refill()
+        self.on_reload.run(changed)
+        self.broker.pool.refill()
 
     def _banner(self, url: str) -> None:
         print(f"hermes-gateway {__version__} listening on {url.split('?')[0]}\n"
@@ -130,16 +142,74 @@ class Daemon:
               f"  Hermes TUI:  HERMES_TUI_GATEWAY_URL='{url}' hermes\n"
               f"  workers:     hermes-ps --runtime-dir {self.paths.root}", flush=True)
 
+    # -- what operations see (ops.port.Supervised) --------------------------------
+    def snapshot(self) -> Snapshot:
+        b = self.broker
+        now, wall = time.monotonic(), time.time()
+        gateway = {
+            "pid": os.getpid(), "version": __version__, "started_at": self.started_at,
+            "uptime": round(wall - self.started_at, 3), "accepting": b.accepting, "closing": b.closing,
+            "counts": b.counts(), "reaps": dict(b.reaps), "runtime_dir": self.paths.root,
+            "port": self.front.port if self.front else None, "host": self.cfg.host,
+            "config": self.cfg.public(), "stops": sum(b.reaps.values()),
+            "dropped_frames": dict(b.link.dropped_frames),
+        }
+        return Snapshot(gateway=gateway, workers=[worker_row(w, now, wall) for w in b.workers.values()],
+                        rpc_counts=dict(self.gateway.rpc_counts),
+                        rejected=dict(self.front.rejected) if self.front else {})
 
-async def _maybe(result: Awaitable[None] | None) -> None:
-    if asyncio.iscoroutine(result):
-        await result
+    def counts(self) -> dict[str, int]:
+        return self.broker.counts()
+
+    def accepting(self) -> bool:
+        return self.broker.accepting
+
+    def set_accepting(self, accepting: bool) -> bool:
+        return self.broker.set_accepting(accepting)
+
+    def targets(self) -> list[tuple[int, float]]:
+        return [(w.pid, w.create_time) for w in self.broker.workers.values() if w.pid]
+
+    async def kill(self, target: Any, reason: str) -> dict[str, Any] | None:
+        b = self.broker
+        w = None
+        if isinstance(target, str) and target:
+            s = b.sessions.find(target)
+            w = s.worker if s is not None else None
+            if w is None and target.isdigit():
+                target = int(target)
+        if w is None and isinstance(target, int) and not isinstance(target, bool):
+            w = b.workers.by_pid.get(target)
+        if w is None:
+            return None
+        s = w.session
+        log.info("operator kill", session=s.sid if s else "", pid=w.pid, kind=w.kind, reason=reason)
+        t0 = time.monotonic()
+        await b.stop(w, reason)
+        return {"session": s.sid if s else "", "key": s.key if s else "", "pid": w.pid, "kind": w.kind,
+                "reason": w.stopping or reason, "took": round(time.monotonic() - t0, 3)}
+
+    def on_change(self, fn: Callable[[], None]) -> None:
+        self._changed.append(fn)
+
+    def on_worker_stopped(self, fn: Callable[[str, float], None]) -> None:
+        self.broker.ladder.on_stopped.append(fn)
+
+    def add_route(self, path: str, handler: Callable[..., Any]) -> None:
+        self._routes[path] = handler
+        if self.front is not None:
+            self.front.http_routes[path] = handler
 
 
 def run(cfg: Config) -> int:
     log.setup(cfg.log_level, cfg.log_format)
     daemon = Daemon(cfg)
-    ops.install(daemon)
+    ops = Ops(daemon, daemon.paths.control_endpoint)
+    daemon.on_ready.append(ops.ready)
+    daemon.on_reloading.append(ops.reloading)
+    daemon.on_reload.append(ops.reload)
+    daemon.on_stopping.append(ops.stopping)
+    daemon.on_stopped.append(ops.stopped)
     try:
         return asyncio.run(daemon.run())
     except LockHeld as exc:

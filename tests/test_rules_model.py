@@ -1,8 +1,9 @@
 """Issue 3 acceptance 7: the reaper's rules as a hypothesis state machine with a fake clock.
 
-The machine drives the broker's real records (supervisor.broker.table Worker/Session and
-their attach/detach/beat transitions) and the real decision function of a reaper
-tick (supervisor.broker.rules.plan_tick), the same one Broker.tick acts on. Time only moves
+The machine drives the broker's real detach table (supervisor.broker.sessions.SessionTable:
+bind, attach, disconnect with its immediate close_on_disconnect check, touch, deliver), the
+worker records' beat transitions (supervisor.broker.table), and the real decision function
+of a reaper tick (supervisor.broker.rules.plan_tick), the same one Broker.tick acts on. Time only moves
 when the machine says so; a tick runs every TICK seconds of fake time, as the
 broker's loop does, and also at arbitrary moments in between.
 
@@ -15,6 +16,7 @@ its heartbeat.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -22,12 +24,24 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from supervisor.broker.rules import BUSY_STATES, Limits, eviction_order, plan_tick, reap_reason
+from supervisor.broker.sessions import SessionTable
 from supervisor.broker.table import Session, Worker
 
 TICK = 0.2
 EPS = 1e-9
 CONNS = st.integers(min_value=1, max_value=4)
 PICK = st.integers(min_value=0, max_value=63)
+
+
+@dataclass(eq=False)
+class Conn:
+    """A client connection as the detach table sees one (the front's Conn has the same three members)."""
+
+    id: int
+    closed: bool = False
+
+    def send(self, data: str | bytes) -> None:
+        pass
 
 
 class ReaperMachine(RuleBasedStateMachine):
@@ -42,6 +56,16 @@ class ReaperMachine(RuleBasedStateMachine):
         self.hung: set[str] = set()
         self.stopped: list[tuple[str, str]] = []
         self.ids = itertools.count(1)
+        self.table = SessionTable(lambda: self.limits, lambda: 100, lambda: 1 << 20, self.stop)
+        self.conns: dict[int, Conn] = {}
+
+    def conn(self, n: int) -> Conn:
+        """The live connection with number n; after a close, the same number is a new connection."""
+        c = self.conns.get(n)
+        if c is None or c.closed:
+            c = self.conns[n] = Conn(n)
+            self.table.connect(c)
+        return c
 
     # -- helpers ----------------------------------------------------------------
     def pick(self, i: int) -> Session:
@@ -86,43 +110,36 @@ class ReaperMachine(RuleBasedStateMachine):
         n = next(self.ids)
         w = Worker(ident=f"w{n}".encode(), kind="session", spawned_at=self.now, pid=10_000 + n, ready=True,
                    state="idle", last_heartbeat=self.now)
-        s = Session(sid=f"s{n}", key=f"k{n}", worker=w, last_active=self.now,
-                    close_on_disconnect=close_on_disconnect)
-        w.session = s
-        s.attach(conn, self.now)
+        s = self.table.bind(w, f"s{n}", f"k{n}", close_on_disconnect, self.conn(conn), self.now)
         self.sessions[s.sid] = s
 
     @precondition(lambda self: self.sessions)
     @rule(i=PICK, conn=CONNS)
     def attach(self, i: int, conn: int) -> None:
         """resume / activate / prompt.submit from a connection (rule 1 and 3)."""
-        self.pick(i).attach(conn, self.now)
+        self.table.attach(self.conn(conn), self.pick(i), self.now)
 
     @rule(conn=CONNS)
     def close_connection(self, conn: int) -> None:
-        """Rule 2, as Broker.detach_client: drop the connection from every session; close_on_disconnect at once."""
-        for s in list(self.sessions.values()):
-            if s.detach(conn, self.now) and s.close_on_disconnect:
-                reason = reap_reason(attached=len(s.attached), detached_at=s.detached_at,
-                                     last_active=s.last_active, state=s.state, close_on_disconnect=True,
-                                     now=self.now, limits=self.limits)
-                if reason is not None:
-                    self.stop(s.worker, reason)
+        """Rule 2: the connection ends and detaches from every session; close_on_disconnect reaps at once."""
+        c = self.conn(conn)
+        c.closed = True
+        self.table.disconnect(c, self.now)
 
     @precondition(lambda self: self.sessions)
     @rule(i=PICK, state=st.sampled_from(["working", "waiting"]))
     def turn_start(self, i: int, state: str) -> None:
         s = self.pick(i)
-        s.last_active = self.now  # the gateway marks the session active when it routes prompt.submit
-        if s.sid not in self.hung:
-            s.worker.beat(self.now, state)  # the worker beats at once on a state change
+        self.table.touch(s, self.now)  # the gateway marks the session active when it routes prompt.submit
+        if s.sid not in self.hung and s.worker.beat(self.now, state):  # it beats at once on a state change
+            self.table.touch(s, self.now)  # as Broker._on_heartbeat
 
     @precondition(lambda self: self.sessions)
     @rule(i=PICK)
     def turn_end(self, i: int) -> None:
         s = self.pick(i)
-        if s.sid not in self.hung:
-            s.worker.beat(self.now, "idle")
+        if s.sid not in self.hung and s.worker.beat(self.now, "idle"):
+            self.table.touch(s, self.now)
 
     @precondition(lambda self: self.sessions)
     @rule(i=PICK)
@@ -131,7 +148,7 @@ class ReaperMachine(RuleBasedStateMachine):
         s = self.pick(i)
         if s.sid not in self.hung:
             s.worker.beat(self.now)
-            s.last_active = self.now
+            self.table.deliver(s, s.worker.seq + 1, b"{}", self.now)
 
     @precondition(lambda self: self.sessions)
     @rule(i=PICK)

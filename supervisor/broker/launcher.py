@@ -1,35 +1,75 @@
-"""The broker's side of the fork server: start it, ask it for workers, hear about their exits.
+"""How the pool starts and ends worker processes: a small interface and its one implementation, the zygote.
 
-The zygote is a child of the broker (started from the event-loop thread, so its
-PDEATHSIG is tied to the broker's life). Worker exits come from the zygote's
-waitpid as messages on the same socket, so a crash is seen within milliseconds
-without polling.
+The pool asks a `Launcher` to launch a worker for an ident and hears back through
+`LaunchEvents`: launched (pid), failed, exited (status), lost (the launcher itself
+died and took its workers). Signals go to a worker's whole process group, so
+whatever it started goes with it. jupyter_client's kernel provisioner is the model;
+docs/scaling.md says what a second launcher (pods, remote hosts) would change.
+
+This is the only module of supervisor/ that names worker code (`worker.preload`,
+`python -m worker.zygote`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal as signals
 import socket
 import subprocess
 import sys
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import msgpack
+import psutil
 
 from supervisor import log
 
 
-class Spawner:
-    def __init__(self, on_spawned: Callable[[bytes, int], None],
-                 on_exited: Callable[[int, int], None], on_error: Callable[[bytes, str], None],
-                 on_lost: Callable[[], None]) -> None:
+@dataclass(frozen=True, slots=True)
+class LaunchEvents:
+    launched: Callable[[bytes, int], None]  # (ident, pid): forked; it will connect and say hello
+    failed: Callable[[bytes, str], None]  # (ident, why): never started
+    exited: Callable[[int, int], None]  # (pid, status): reaped; -N for death by signal N
+    lost: Callable[[], None]  # the launcher itself is gone, and every worker it started with it
+
+
+class Launcher(Protocol):
+    """launch, signal, wait (through `LaunchEvents.exited`), kill."""
+
+    @property
+    def pid(self) -> int:
+        """The launcher's own process (journaled, so a new broker can clean up after a dead one); 0 if none."""
+
+    def start(self, worker_config: dict) -> None:
+        """Get ready to launch workers of this configuration (raises OSError when it cannot)."""
+
+    def launch(self, ident: bytes, config: dict) -> None:
+        """Start one worker; raises RuntimeError/OSError at once when the request cannot be made."""
+
+    def signal(self, pid: int, sig: int, alive: bool = True) -> None:
+        """Signal the worker's process group; `alive` (not yet reaped) also reaches a worker not yet leading one."""
+
+    def kill(self, pid: int) -> None:
+        """SIGKILL the worker's group now (a worker launched after it was given up, a dead launcher's)."""
+
+    def close(self) -> None:
+        """Stop launching; the launcher's own process ends and takes what is left of its workers."""
+
+
+class ZygoteLauncher:
+    """Workers forked by a preloaded fork server (worker/zygote.py), a child of the broker.
+
+    Started from the event-loop thread, so its PDEATHSIG is tied to the broker's life. Worker
+    exits come from the zygote's waitpid as messages on the same socketpair, so a crash is seen
+    within milliseconds without polling.
+    """
+
+    def __init__(self, events: LaunchEvents) -> None:
+        self.events = events
         self.preload: list[str] = []  # modules the zygote imports before forking (worker.preload.plan)
         self.env: dict[str, str] = {}  # and what it adds to the environment it inherits
-        self.on_spawned = on_spawned
-        self.on_exited = on_exited
-        self.on_error = on_error
-        self.on_lost = on_lost
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
         self._closing = False
@@ -38,24 +78,48 @@ class Spawner:
     def pid(self) -> int:
         return self.proc.pid if self.proc else 0
 
-    def start(self) -> None:
+    def start(self, worker_config: dict | None = None) -> None:
+        if worker_config is not None:
+            from worker import preload  # what to preload is the worker side's knowledge
+
+            self.preload, self.env = preload.plan(worker_config)
+        self._closing = False
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # -P: never put the cwd on sys.path, or a worker/ folder there would be loaded into every worker
         args = [sys.executable, "-P", "-m", "worker.zygote", str(child.fileno())]
         for mod in self.preload:
             args += ["--preload", mod]
-        self.proc = subprocess.Popen(args, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **self.env}, start_new_session=False)
-        child.close()
+        try:
+            self.proc = subprocess.Popen(args, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **self.env}, start_new_session=False)
+        finally:
+            child.close()
         parent.setblocking(False)
         self.sock = parent
         asyncio.get_running_loop().add_reader(parent.fileno(), self._readable)
         log.info("zygote started", pid=self.proc.pid, preload=",".join(self.preload) or "-")
 
-    def spawn(self, ident: bytes, config: dict) -> None:
+    def launch(self, ident: bytes, config: dict) -> None:
         if self.sock is None:
             raise RuntimeError("fork server is not running")
         self.sock.send(msgpack.packb({"op": "spawn", "ident": ident, "config": config}, use_bin_type=True))
+
+    def signal(self, pid: int, sig: int, alive: bool = True) -> None:
+        if not pid:
+            return
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            if alive:  # forked but not yet its own group leader; never after the pid was reaped
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        except PermissionError as exc:
+            log.error("cannot signal worker group", pid=pid, error=str(exc))
+
+    def kill(self, pid: int) -> None:
+        self.signal(pid, signals.SIGKILL)
 
     def _readable(self) -> None:
         assert self.sock is not None
@@ -76,11 +140,11 @@ class Spawner:
                 continue
             op = msg.get("op") if isinstance(msg, dict) else None
             if op == "spawned":
-                self.on_spawned(msg["ident"], int(msg["pid"]))
+                self.events.launched(msg["ident"], int(msg["pid"]))
             elif op == "exited":
-                self.on_exited(int(msg["pid"]), int(msg["status"]))
+                self.events.exited(int(msg["pid"]), int(msg["status"]))
             elif op == "error":
-                self.on_error(msg.get("ident", b""), str(msg.get("message")))
+                self.events.failed(msg.get("ident", b""), str(msg.get("message")))
 
     def _lost(self) -> None:
         loop = asyncio.get_running_loop()
@@ -91,7 +155,7 @@ class Spawner:
         status = self.proc.wait() if self.proc else None
         if not self._closing:
             log.error("zygote exited", pid=self.pid, status=status)
-            self.on_lost()
+            self.events.lost()
 
     def close(self) -> None:
         """Closing our end makes the zygote exit; its idle children follow it."""
@@ -109,3 +173,11 @@ class Spawner:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def create_time(pid: int) -> float:
+    """A process's start time: with its pid, what tells it from a later process given the same pid."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import itertools
 import json
+import time
 from collections import deque
 from http import HTTPStatus
 from typing import Awaitable, Callable
@@ -40,12 +41,11 @@ HttpRoute = Callable[[ServerConnection, Request], Awaitable[Response] | Response
 
 
 class Conn:
-    """One client connection: what it is attached to, and its outbound queue."""
+    """One client connection and its outbound queue (what it is attached to is the detach table's)."""
 
     def __init__(self, ws: ServerConnection, cid: int, limit: int) -> None:
         self.id = cid
         self.ws = ws
-        self.attached: set[str] = set()
         self.closed = False
         self.capabilities: dict = {}
         self.limit = limit
@@ -145,7 +145,7 @@ class Front:
                 pass
 
     def _conns(self) -> list[Conn]:
-        return [c for c in self.broker.clients.values() if isinstance(c, Conn)]
+        return [c for c in self.broker.sessions.clients.values() if isinstance(c, Conn)]
 
     # -- HTTP stage -----------------------------------------------------------
     async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -196,7 +196,7 @@ class Front:
             await ws.close(CLOSE_BAD_TOKEN, "unauthorized: bad or missing token")
             return
         conn = Conn(ws, next(self._ids), self.cfg.client_buffer)
-        self.broker.clients[conn.id] = conn
+        self.broker.sessions.connect(conn)
         log.debug("client connected", conn=conn.id, peer=str(ws.remote_address))
         conn.send(jsonrpc.event("gateway.ready", "", self.ready_payload))
         try:
@@ -214,7 +214,7 @@ class Front:
             if sent is not None and sent.code == 1009:
                 log.warning("client sent a frame over the size limit; connection closed", conn=conn.id,
                             limit=self.cfg.max_frame)
-            self.broker.detach_client(conn)
+            self.broker.sessions.disconnect(conn, time.monotonic())
             conn.writer.cancel()
             log.debug("client disconnected", conn=conn.id, code=ws.close_code)
 

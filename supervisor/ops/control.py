@@ -17,19 +17,14 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 import zmq
 
-from protocol import __version__
 from supervisor import log
+from supervisor.ops.port import Supervised
 from supervisor.ops.sampler import Figures, Sampler
-
-if TYPE_CHECKING:
-    from supervisor.daemon import Daemon
-    from supervisor.broker.table import Worker
 
 VERSION = 1
 MAX_REQUEST = 64 * 1024
@@ -37,36 +32,21 @@ REASON = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 DEFAULT_KILL_REASON = "operator_kill"
 
 
-def worker_row(w: "Worker", now: float, wall: float, fig: Figures | None) -> dict[str, Any]:
-    """What `list` says about one worker: identity, lifecycle, and process figures."""
-    s = w.session
-    if s is not None:
-        detached_for = round(now - s.detached_at, 3) if s.detached_at is not None and not s.attached else None
-        idle = 0.0 if w.state in ("working", "waiting") else round(now - s.last_active, 3)
-    else:
-        detached_for = None
-        idle = round(now - w.spawned_at, 3) if w.kind == "spare" else None
-    uptime = wall - w.create_time if w.create_time else now - w.spawned_at
-    fig = fig or Figures()
-    return {
-        "session": s.sid if s else "", "key": s.key if s else "", "pid": w.pid, "kind": w.kind,
-        "state": w.state, "stopping": w.stopping or "", "attached": len(s.attached) if s else 0,
-        "detached_for": detached_for, "idle": idle, "heartbeat_age": round(now - w.last_heartbeat, 3),
-        "uptime": round(max(0.0, uptime), 3), "cpu": fig.cpu, "rss": fig.rss, "uss": fig.uss,
-        "threads": fig.threads, "fds": fig.fds, "children": fig.children,
-        "title": str(w.meta.get("title") or "") if s else "", "model": str(w.meta.get("model") or "") if s else "",
-        "message_count": int(w.meta.get("message_count") or 0) if s else 0,
-    }
+def with_figures(row: dict[str, Any], fig: Figures | None) -> dict[str, Any]:
+    """A worker row (supervisor/broker/views.py) with its process figures from the sampler."""
+    f = fig or Figures()
+    return row | {"cpu": f.cpu, "rss": f.rss, "uss": f.uss, "threads": f.threads, "fds": f.fds,
+                  "children": f.children}
 
 
 class ControlServer:
-    def __init__(self, daemon: "Daemon", sampler: Sampler) -> None:
-        self.daemon = daemon
-        self.broker = daemon.broker
+    def __init__(self, gateway: Supervised, endpoint: str, sampler: Sampler) -> None:
+        self.gateway = gateway
+        self.endpoint = endpoint
         self.sampler = sampler
         self.ctx: zmq.Context | None = None
         self.sock: zmq.Socket | None = None
-        self.path = daemon.paths.control_endpoint[len("ipc://"):]
+        self.path = endpoint[len("ipc://"):]
         self._tasks: set[asyncio.Task] = set()
         self.requests = 0
 
@@ -83,14 +63,14 @@ class ControlServer:
         sock.setsockopt(zmq.RCVHWM, 1000)
         old = os.umask(0o177)
         try:
-            sock.bind(self.daemon.paths.control_endpoint)
+            sock.bind(self.endpoint)
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
         self.sock = sock
         asyncio.get_running_loop().add_reader(sock.getsockopt(zmq.FD), self._drain)
         self._drain()
-        log.info("control endpoint listening", endpoint=self.daemon.paths.control_endpoint)
+        log.info("control endpoint listening", endpoint=self.endpoint)
 
     def close(self) -> None:
         if self.sock is None:
@@ -166,72 +146,31 @@ class ControlServer:
         self._reply(envelope, doc)
 
     # -- commands -------------------------------------------------------------
-    def gateway_info(self) -> dict[str, Any]:
-        b, d = self.broker, self.daemon
-        now = time.time()
-        return {
-            "pid": os.getpid(), "version": __version__, "started_at": d.started_at,
-            "uptime": round(now - d.started_at, 3), "accepting": b.accepting, "closing": b.closing,
-            "counts": b.counts(), "reaps": dict(b.reaps), "runtime_dir": d.paths.root,
-            "port": d.front.port if d.front else None, "host": d.cfg.host,
-            "config": d.cfg.public(), "stops": sum(b.reaps.values()),
-            "dropped_frames": dict(b.dropped_frames),
-        }
-
-    def targets(self) -> list[tuple[int, float]]:
-        return [(w.pid, w.create_time) for w in self.broker.workers.values() if w.pid]
-
     async def list(self, req: dict) -> dict:
-        await self.sampler.sample(self.targets())  # fresh memory/threads/fds; CPU% from the background pass
-        now, wall = time.monotonic(), time.time()
+        await self.sampler.sample(self.gateway.targets())  # fresh memory/threads/fds; CPU% from the background pass
+        snap = self.gateway.snapshot()
         figs = self.sampler.figures
-        rows = [worker_row(w, now, wall, figs.get(w.pid)) for w in list(self.broker.workers.values())]
-        return {"gateway": self.gateway_info(), "workers": rows}
+        return {"gateway": snap.gateway, "workers": [with_figures(r, figs.get(r["pid"])) for r in snap.workers]}
 
     async def stats(self, req: dict) -> dict:
-        return {"gateway": self.gateway_info()}
+        return {"gateway": self.gateway.snapshot().gateway}
 
     async def kill(self, req: dict) -> dict:
         target = req.get("target")
         reason = req.get("reason") or DEFAULT_KILL_REASON
         if not isinstance(reason, str) or not REASON.match(reason):
             raise ValueError("reason must match [a-z][a-z0-9_]{0,31} (it becomes a metrics label)")
-        w = self._find(target)
-        if w is None:
+        killed = await self.gateway.kill(target, reason)
+        if killed is None:
             raise ValueError(f"no live worker for {str(target)[:80]!r} (give a session id, stored key or pid)")
-        s = w.session
-        log.info("operator kill", session=s.sid if s else "", pid=w.pid, kind=w.kind, reason=reason)
-        t0 = time.monotonic()
-        await self.broker.stop(w, reason)
-        return {"killed": {"session": s.sid if s else "", "key": s.key if s else "", "pid": w.pid, "kind": w.kind,
-                           "reason": w.stopping or reason, "took": round(time.monotonic() - t0, 3)}}
-
-    def _find(self, target: Any) -> "Worker | None":
-        b = self.broker
-        if isinstance(target, str) and target:
-            s = b.find(target)
-            if s is not None:
-                return s.worker
-            if target.isdigit():
-                target = int(target)
-        if isinstance(target, int) and not isinstance(target, bool):
-            return b.by_pid.get(target)
-        return None
+        return {"killed": killed}
 
     async def drain(self, req: dict) -> dict:
         """Stop accepting new sessions; live ones run on until their clients leave and the reaper stops them."""
-        if self.broker.accepting:
-            log.info("draining: new sessions are refused", sessions=len(self.broker.sessions))
-        self.broker.accepting = False
-        self.broker.on_change()
-        return {"accepting": False, "sessions": len(self.broker.sessions)}
+        self.gateway.set_accepting(False)
+        return {"accepting": False, "sessions": self.gateway.counts()["sessions"]}
 
     async def undrain(self, req: dict) -> dict:
-        if self.broker.closing:
+        if not self.gateway.set_accepting(True):
             raise ValueError("the gateway is shutting down")
-        if not self.broker.accepting:
-            log.info("accepting new sessions again")
-        self.broker.accepting = True
-        self.broker.refill()
-        self.broker.on_change()
-        return {"accepting": True, "sessions": len(self.broker.sessions)}
+        return {"accepting": True, "sessions": self.gateway.counts()["sessions"]}

@@ -14,7 +14,7 @@ import os
 import time
 from collections import Counter
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import psutil
@@ -25,11 +25,9 @@ from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
 from protocol import __version__
-from supervisor.ops.control import worker_row
-
-if TYPE_CHECKING:
-    from supervisor.daemon import Daemon
-    from supervisor.ops.sampler import Sampler
+from supervisor.ops.control import with_figures
+from supervisor.ops.port import Supervised
+from supervisor.ops.sampler import Sampler
 
 PATH = "/metrics"
 NS = "hermes_gateway"
@@ -37,22 +35,23 @@ STOP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, float("in
 
 
 class GatewayCollector:
-    def __init__(self, daemon: "Daemon", sampler: "Sampler") -> None:
-        self.daemon = daemon
+    def __init__(self, gateway: Supervised, sampler: Sampler) -> None:
+        self.gateway = gateway
         self.sampler = sampler
         self.me = psutil.Process(os.getpid())
 
     def collect(self) -> Iterator[Metric]:
-        d, b = self.daemon, self.daemon.broker
-        now, wall = time.monotonic(), time.time()
-        rows = [worker_row(w, now, wall, self.sampler.figures.get(w.pid)) for w in list(b.workers.values())]
+        g = self.gateway
+        snap = g.snapshot()
+        rows = [with_figures(r, self.sampler.figures.get(r["pid"])) for r in snap.workers]
 
         info = GaugeMetricFamily(f"{NS}_info", "Build and runtime of this gateway", labels=["version", "runtime", "agent"])
-        info.add_metric([__version__, d.cfg.runtime, d.cfg.agent], 1)
+        info.add_metric([__version__, g.cfg.runtime, g.cfg.agent], 1)
         yield info
-        yield GaugeMetricFamily(f"{NS}_uptime_seconds", "Seconds since the gateway started", value=wall - d.started_at)
+        yield GaugeMetricFamily(f"{NS}_uptime_seconds", "Seconds since the gateway started",
+                                value=time.time() - g.started_at)
         yield GaugeMetricFamily(f"{NS}_accepting", "1 while new sessions are accepted (0: draining)",
-                                value=1 if b.accepting else 0)
+                                value=1 if snap.gateway["accepting"] else 0)
 
         by_kind_state = Counter((r["kind"], r["state"]) for r in rows)
         workers = GaugeMetricFamily(f"{NS}_workers", "Worker processes by kind and state", labels=["kind", "state"])
@@ -62,7 +61,7 @@ class GatewayCollector:
             workers.add_metric([kind, state], n)
         yield workers
 
-        counts = b.counts()
+        counts = snap.gateway["counts"]
         sessions = GaugeMetricFamily(f"{NS}_sessions", "Live sessions by attachment", labels=["attachment"])
         sessions.add_metric(["attached"], counts["attached"])
         sessions.add_metric(["detached"], counts["detached"])
@@ -70,22 +69,21 @@ class GatewayCollector:
         yield GaugeMetricFamily(f"{NS}_clients", "Connected WebSocket clients", value=counts["clients"])
 
         reaps = CounterMetricFamily(f"{NS}_reaps", "Workers stopped, by reason", labels=["reason"])
-        for reason, n in sorted(b.reaps.items()):
+        for reason, n in sorted(snap.gateway["reaps"].items()):
             reaps.add_metric([reason], n)
         yield reaps
 
         rpcs = CounterMetricFamily(f"{NS}_rpc", "Client calls by method and outcome (ok or error code)",
                                    labels=["method", "outcome"])
-        for (method, outcome), n in sorted(d.gateway.rpc_counts.items()):
+        for (method, outcome), n in sorted(snap.rpc_counts.items()):
             rpcs.add_metric([method, outcome], n)
         yield rpcs
 
-        if d.front is not None:
-            rejected = CounterMetricFamily(f"{NS}_ws_rejected", "WebSocket connections refused, by reason",
-                                           labels=["reason"])
-            for reason, n in sorted(d.front.rejected.items()):
-                rejected.add_metric([reason], n)
-            yield rejected
+        rejected = CounterMetricFamily(f"{NS}_ws_rejected", "WebSocket connections refused, by reason",
+                                       labels=["reason"])
+        for reason, n in sorted(snap.rejected.items()):
+            rejected.add_metric([reason], n)
+        yield rejected
 
         rss = GaugeMetricFamily(f"{NS}_worker_rss_bytes", "Sum of worker resident memory, by kind", labels=["kind"])
         uss = GaugeMetricFamily(f"{NS}_worker_uss_bytes", "Sum of worker unique memory, by kind", labels=["kind"])
@@ -109,31 +107,30 @@ class GatewayCollector:
 
 
 class Metrics:
-    def __init__(self, daemon: "Daemon", sampler: "Sampler") -> None:
-        self.daemon = daemon
+    def __init__(self, gateway: Supervised, sampler: Sampler) -> None:
+        self.gateway = gateway
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(GatewayCollector(daemon, sampler))
+        self.registry.register(GatewayCollector(gateway, sampler))
         ProcessCollector(namespace=NS, registry=self.registry)
         self.stop_seconds = Histogram(f"{NS}_stop_duration_seconds", "Stop ladder durations (ask to reaped)",
                                       buckets=STOP_BUCKETS, registry=self.registry)
-        daemon.broker.on_worker_stopped.append(lambda _reason, took: self.stop_seconds.observe(took))
+        gateway.on_worker_stopped(lambda _reason, took: self.stop_seconds.observe(took))
 
     def install(self) -> None:
-        assert self.daemon.front is not None
-        self.daemon.front.http_routes[PATH] = self.handle
+        self.gateway.add_route(PATH, self.handle)
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
 
     def allowed(self, connection: ServerConnection, request: Request) -> tuple[bool, HTTPStatus, str]:
-        cfg = self.daemon.cfg
+        cfg = self.gateway.cfg
         if cfg.metrics_auth == "loopback":
             host = _peer_host(connection)
             if _is_loopback(host):
                 return True, HTTPStatus.OK, ""
             return False, HTTPStatus.FORBIDDEN, "forbidden: /metrics is loopback-only (--metrics-auth loopback)\n"
-        token = self.daemon.token.encode()
+        token = self.gateway.token.encode()
         supplied = parse_qs(urlsplit(request.path).query).get("token", [""])[0]
         auth = request.headers.get("Authorization", "")
         if auth[:7].lower() == "bearer ":

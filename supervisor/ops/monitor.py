@@ -9,36 +9,31 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import TYPE_CHECKING
-
 import psutil
 
 from supervisor import log
-
-if TYPE_CHECKING:
-    from supervisor.daemon import Daemon
+from supervisor.ops.port import Supervised
 
 
 class Monitor:
-    def __init__(self, daemon: "Daemon") -> None:
-        self.daemon = daemon
+    def __init__(self, gateway: Supervised) -> None:
+        self.gateway = gateway
         self.me = psutil.Process(os.getpid())
         self.lines = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
     def fields(self) -> dict[str, str | int]:
-        b = self.daemon.broker
         try:
             with self.me.oneshot():
                 rss, threads = self.me.memory_info().rss, self.me.num_threads()
                 fds = self.me.num_fds() if hasattr(self.me, "num_fds") else 0
         except psutil.Error:
             rss = threads = fds = 0
-        counts = b.counts()
-        return {"rss": f"{rss / 1e6:.1f}MB", "threads": threads, "fds": fds, "workers": len(b.workers),
+        counts = self.gateway.counts()
+        return {"rss": f"{rss / 1e6:.1f}MB", "threads": threads, "fds": fds, "workers": counts["workers"],
                 "attached": counts["attached"], "detached": counts["detached"],
-                "uptime": f"{int(time.time() - self.daemon.started_at)}s"}
+                "uptime": f"{int(time.time() - self.gateway.started_at)}s"}
 
     def emit(self, when: str = "") -> None:
         self.lines += 1
@@ -55,7 +50,7 @@ class Monitor:
     async def _loop(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), self.daemon.cfg.monitor_interval)
+                await asyncio.wait_for(self._wake.wait(), self.gateway.cfg.monitor_interval)
                 self._wake.clear()
                 continue
             except asyncio.TimeoutError:
