@@ -12,22 +12,16 @@ matched to their call by a worker-local id, events are numbered (`seq`) and sent
 The session's runtime id and stored key are learnt from the `session.create` /
 `session.resume` response and sent to the broker as `bind`.
 
-Importing this module imports the heavy Hermes modules, runs Hermes' environment probe
-and fills its tool-definition and config caches, so the fork server pays for them once.
-Hermes starts two threads when `tui_gateway.server` is imported (an update-check prefetch
-and an idle reaper); a process that forks must not have threads, so every thread start
-during these imports is held back, to be made after the fork, in the worker — except
-those two, which a worker does not need (see _SKIPPED_THREADS).
+Importing this module imports the heavy Hermes modules with their thread starts held
+back, runs Hermes' environment probe and fills its caches (worker/hermes_preload.py),
+so the fork server pays for them once; worker/hermes_process.py adapts Hermes'
+process-level behaviour to a process that is one session.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
 import queue
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -39,189 +33,14 @@ from protocol.titles import set_title, worker_title
 from worker.budget import stop_budget
 from worker.calls import INLINE
 from worker.channel import Call, Channel
-
-# What building an agent and running its first turn import (measured on 0.19.0: ~1500 modules, most of them
-# openai.*), so that a forked worker finds them in the shared heap instead of importing them per session.
-_WARM = (
-    "run_agent", "model_tools", "hermes_state", "hermes_cli.runtime_provider", "hermes_cli.models",
-    "hermes_cli.tools_config", "hermes_cli.skin_engine", "hermes_cli.input_sanitize", "hermes_cli.active_sessions",
-    "tools.approval", "tools.mcp_tool", "tools.checkpoint_manager", "tools.tool_search", "agent.credits_tracker",
-    "agent.conversation_loop", "agent.agent_init", "agent.transports.chat_completions", "agent.title_generator",
-    "agent.system_prompt", "agent.display", "agent.models_dev", "openai", "openai.resources", "openai.types.chat",
-    "httpx", "httpcore", "aiohttp", "unittest.mock", "tui_gateway.synthetic_turn",
-    # what a worker still imported after the list above (sys.modules of a forked worker after create + one turn,
-    # diffed against the fork server's): 69 modules, ~3 MiB of USS and ~40 ms per session
-    "agent.agent_runtime_helpers", "agent.anthropic_adapter", "agent.aux_accounting", "agent.bounded_response",
-    "agent.chat_completion_helpers", "agent.coding_context", "agent.copilot_acp_client", "agent.errors",
-    "agent.gemini_native_adapter", "agent.gemini_schema", "agent.image_routing", "agent.kanban_stop",
-    "agent.rate_limit_tracker", "agent.reactions", "agent.ssl_guard", "agent.ssl_verify", "agent.stream_single_writer",
-    "agent.transports.anthropic", "agent.transports.bedrock", "agent.transports.codex", "agent.turn_finalizer",
-    "agent.verification_stop", "agent.verify_hooks", "edge_tts", "gateway.session_context", "glob",
-    "hermes_cli.mcp_startup", "hermes_cli.moa_config", "hermes_cli.model_normalize", "hermes_cli.profiles",
-    "hermes_cli.projects_db", "hermes_cli.sqlite_util", "packaging.specifiers", "packaging.tags", "packaging.version",
-    "psutil", "resource", "tools.computer_use.cua_backend", "tools.hook_output_spill", "tools.lazy_deps",
-    "tools.schema_sanitizer", "tui_gateway._stdin_recovery", "xml.sax",
+from worker.hermes_preload import server, start_held_threads
+from worker.hermes_process import (
+    GroupedSubprocess, LazySlashWorker, become_subreaper, kill_descendants, no_update_check,
 )
-
-
-def _warm_caches() -> None:
-    """Fill Hermes' per-process caches here, once, as its own gateway does on its first session.
-
-    Building an agent asks `model_tools.get_tool_definitions()`, which probes every tool's availability
-    (~30 check functions: imports, config, the OpenRouter model list) and memoizes the result for the
-    process's lifetime, keyed by the toolsets, the registry generation and config.yaml's mtime; and
-    `session.create` parses config.yaml (`_load_cfg`, cached on its mtime). A worker forked from here finds
-    both for the same key and skips ~100-200 ms of probes and a YAML parse per session; an edited
-    config.yaml changes the key and the worker reads it again, as Hermes would. The probes' warnings
-    ("check_fn ... returned False") are the worker's business: here they are not printed to the gateway log."""
-    import logging
-
-    root = logging.getLogger()
-    quiet = logging.NullHandler()  # with a handler on the root, logging's last-resort stderr printer stays off
-    root.addHandler(quiet)
-    try:
-        import model_tools
-
-        server._load_cfg()
-        model_tools.get_tool_definitions(enabled_toolsets=server._load_enabled_toolsets(), quiet_mode=True)
-    except Exception as exc:  # a warm-up only: the worker computes them itself
-        print(f"hermes-runtime: warming Hermes' caches failed: {exc}", file=sys.stderr, flush=True)
-    finally:
-        root.removeHandler(quiet)
-
-
-# -- import Hermes with thread starts held back (the fork server must stay single-threaded) --------
-_held: list[threading.Thread] = []
-_real_start = threading.Thread.start
-
-
-def _hold(self: threading.Thread) -> None:
-    _held.append(self)
-
-
-threading.Thread.start = _hold  # type: ignore[method-assign]
-try:
-    import tui_gateway.server as server
-
-    for _name in _WARM:
-        try:
-            importlib.import_module(_name)
-        except Exception as _exc:  # a warm-up only: the worker imports it again when it needs it
-            print(f"hermes-runtime: preloading {_name} failed: {_exc}", file=sys.stderr, flush=True)
-    try:  # the python/pip/PEP 668 probe of the system prompt: ~1 s of subprocesses, once here, not per session
-        from tools import env_probe
-
-        env_probe._probe_worker(env_probe._PROBE_GEN)  # what its probe thread runs, run synchronously
-    except Exception as _exc:
-        print(f"hermes-runtime: environment probe failed: {_exc}", file=sys.stderr, flush=True)
-    _warm_caches()
-finally:
-    threading.Thread.start = _real_start  # type: ignore[method-assign]
-
-_EagerSlashWorker = server._SlashWorker  # Hermes' own: a subprocess started at construction
-
-# Held threads never started in a worker: the update check runs git and the network (in every process);
-# the idle reaper closes sessions whose transport died hours ago, which ours never does (reaping is the broker's).
-_SKIPPED_THREADS = ("prefetch_update_check", "_start_idle_reaper")
-_threads_started = False
 
 # A bound worker hosts exactly one session: methods that would open a second one here are refused.
 _ONE_SESSION_ONLY = frozenset({"session.branch"})
 _STATES = {"working": "working", "waiting": "waiting"}  # Hermes' live status -> the broker's; else idle
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def held_threads() -> list[str]:
-    """Names of the thread starts held back at import (for tests and docs)."""
-    return [_describe(t) for t in _held]
-
-
-def _describe(t: threading.Thread) -> str:
-    target = getattr(t, "_target", None)
-    return getattr(target, "__qualname__", None) or t.name
-
-
-def _start_held_threads() -> None:
-    global _threads_started
-    if _threads_started:
-        return
-    _threads_started = True
-    for t in _held:
-        if not any(skip in _describe(t) for skip in _SKIPPED_THREADS):
-            _real_start(t)
-
-
-def _no_update_check() -> None:
-    """The update check is not run (see _SKIPPED_THREADS): say it is done, with no result, so session.info
-    does not wait 0.5 s for it (twice per session) — the TUI then shows no update badge."""
-    try:
-        from hermes_cli import banner
-
-        banner._update_check_done.set()
-    except (ImportError, AttributeError):
-        pass
-
-
-def _become_subreaper() -> None:
-    """Orphans of this worker's children (a tool's double-forked daemon) are re-parented here, so the
-    final sweep can find them."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-
-
-class _GroupedSubprocess:
-    """`subprocess` as Hermes' server module sees it in a worker: the slash worker stays in our group.
-
-    Hermes starts its slash-worker subprocess in a new session (so a stray killpg in
-    the TUI cannot take the TUI down). Here the worker is the group leader and the
-    broker reclaims a session by killing that group, so the child must stay in it."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(subprocess, name)
-
-    @staticmethod
-    def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802 (the stdlib's name)
-        kwargs["start_new_session"] = False
-        return subprocess.Popen(*args, **kwargs)
-
-
-class _LazySlashWorker:
-    """Hermes' slash worker, started by the session's first slash command instead of with the session.
-
-    Hermes starts `python -m tui_gateway.slash_worker` (a fresh interpreter that imports
-    Hermes: ~37 MiB USS, ~0.3 s of CPU) for every session it creates or resumes, in
-    one shared process; here every session already is a process of its own, and most
-    never send a `slash.exec` (the TUI handles most commands itself). The first one
-    pays the start, as it would in Hermes when it follows session.create closely.
-    Hermes only calls run() and close() on it."""
-
-    def __init__(self, session_key: str, model: str, profile_home: str | None = None) -> None:
-        self._args = (session_key, model, profile_home)
-        self._lock = threading.Lock()
-        self._worker: Any = None
-        self._closed = False
-
-    def run(self, command: str) -> str:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("slash worker closed")
-            if self._worker is None:
-                key, model, home = self._args
-                self._worker = _EagerSlashWorker(key, model, profile_home=home)
-            worker = self._worker
-        return worker.run(command)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.close()
 
 
 class _Transport:
@@ -276,11 +95,11 @@ class HermesRuntime:
         self._closing = False
         self._queue: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
         self.transport = _Transport(self)
-        _start_held_threads()
-        _no_update_check()
-        _become_subreaper()
-        server.subprocess = _GroupedSubprocess()  # type: ignore[attr-defined]
-        server._SlashWorker = _LazySlashWorker  # type: ignore[attr-defined]
+        start_held_threads()
+        no_update_check()
+        become_subreaper()
+        server.subprocess = GroupedSubprocess()  # type: ignore[attr-defined]
+        server._SlashWorker = LazySlashWorker  # type: ignore[attr-defined]
         server._stdio_transport = self.transport  # frames with no session transport come to us, not stdout
         if self.lobby:
             self._check_store()
@@ -464,7 +283,7 @@ class HermesRuntime:
             closer = threading.Thread(target=self._close, args=(reason,), name="hermes-close", daemon=True)
             closer.start()
             closer.join(stop_budget(self.config).finalize)
-        _kill_descendants()
+        kill_descendants()
 
     def tick(self) -> None:
         pass  # Hermes' slash worker keeps its own deadlines
@@ -486,21 +305,3 @@ class HermesRuntime:
             print(f"hermes-runtime: could not record the end of {key}: {exc}", file=sys.stderr, flush=True)
 
 
-def _kill_descendants() -> None:
-    """Everything this worker started, including children that left our group (tools start theirs in
-    new sessions): kill their groups and them. The broker's group kill is the backstop."""
-    try:
-        import psutil
-
-        children = psutil.Process().children(recursive=True)
-    except Exception:
-        return
-    own = os.getpgid(0)
-    for child in children:
-        try:
-            pgid = os.getpgid(child.pid)
-            if pgid != own:
-                os.killpg(pgid, signal.SIGKILL)
-            child.kill()
-        except (OSError, Exception):
-            pass
