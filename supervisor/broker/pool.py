@@ -35,14 +35,26 @@ START_DEADLINE = 60.0  # s a worker has to answer create/resume (the hermes runt
 
 @dataclass(slots=True)
 class Backoff:
-    """1 s doubling to `most` while the thing keeps dying within `young` s of its start; 0 after a good run."""
+    """1 s doubling to `most` while the thing keeps dying within `young` s of its start; 0 after a good run.
+
+    free_first: the first young death is retried at once (the fork server: a kill of it
+    must not cost the next create a second), the backoff starts with the second."""
 
     young: float = 5.0
     most: float = 30.0
+    free_first: bool = False
     delay: float = 0.0
+    strikes: int = 0
 
     def next(self, started_at: float, now: float) -> float:
-        self.delay = min(self.most, self.delay * 2 or 1.0) if now - started_at < self.young else 0.0
+        if now - started_at >= self.young:
+            self.strikes, self.delay = 0, 0.0
+            return 0.0
+        self.strikes += 1
+        if self.free_first and self.strikes == 1:
+            self.delay = 0.0
+        else:
+            self.delay = min(self.most, self.delay * 2 or 1.0)
         return self.delay
 
 
@@ -61,7 +73,7 @@ class Pool:
         self.spares: deque[Worker] = deque()
         self.lobby: Worker | None = None
         self.lobby_backoff = Backoff()
-        self.launcher_backoff = Backoff()
+        self.launcher_backoff = Backoff(free_first=True)
         self.launcher_started_at = time.monotonic()
         self._ident = 0
 

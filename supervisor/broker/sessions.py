@@ -115,7 +115,7 @@ class SessionTable:
         self._fan_out(s, seq, data)
 
     def emit(self, s: Session, type_: str, payload: dict) -> None:
-        """An event the broker itself emits for a session (numbered after the worker's last)."""
+        """An event the broker itself emits for a session whose worker is gone (numbered after the worker's last)."""
         s.worker.seq += 1
         self._fan_out(s, s.worker.seq, jsonrpc.event(type_, s.sid, payload, s.worker.seq).encode())
 

@@ -1,0 +1,154 @@
+"""Broker behaviour tested inside the test process (issue 11): the detach table, the stop ladder, the pool's
+backoff and isolated hooks, each with real workers from a real zygote and each well under a second."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from supervisor.broker.pool import Backoff
+from tests.inproc import run, running_broker
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_close_on_disconnect_session_is_reaped_when_its_client_leaves() -> None:
+    async def main() -> None:
+        async with running_broker() as r:
+            c = r.client()
+            res = await r.call(c, "session.create", close_on_disconnect=True)
+            s = r.broker.sessions.find(res["result"]["session_id"])
+            assert s is not None and s.attached == {c.id}
+            pid = s.worker.pid
+            t0 = time.monotonic()
+            r.broker.sessions.disconnect(c, time.monotonic())
+            assert s.worker.stopping == "ws_orphan_reap"  # at once, not at the next tick
+            await s.worker.ladder
+            assert gone(pid) and time.monotonic() - t0 < 1.0
+            assert r.broker.reaps["ws_orphan_reap"] == 1 and r.broker.sessions.find(s.sid) is None
+
+    run(main())
+
+
+def test_a_detached_session_keeps_its_worker_and_replays_what_was_missed_in_order() -> None:
+    async def main() -> None:
+        async with running_broker(reap_grace=30.0, echo_delay=0.01) as r:
+            first = r.client()
+            res = await r.call(first, "session.create")
+            s = r.broker.sessions.find(res["result"]["session_id"])
+            await r.call(first, "prompt.submit", session_id=s.sid, text="one two three four five six")
+            r.broker.sessions.disconnect(first, time.monotonic())  # mid-turn: the reply streams on, unwatched
+            assert s.detached_at is not None and not s.worker.stopping
+            for _ in range(200):
+                if any(b'"message.complete"' in data for _, data in s.replay):
+                    break
+                await asyncio.sleep(0.01)
+            seen = len(first.got)
+            second = r.client()
+            res = await r.call(second, "session.activate", session_id=s.sid)
+            assert res["result"]["session_id"] == s.sid and s.attached == {second.id}
+            missed = second.events()
+            seqs = [e["seq"] for e in missed]
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs  # contiguous, in order, none twice
+            assert missed[-1]["type"] == "message.complete" and second.events("message.delta")
+            assert len(first.got) == seen and first.id not in s.attached  # nothing more to the one that left
+            assert r.broker.sessions.watching(second) == {s.sid}
+
+    run(main())
+
+
+def test_every_routed_call_restarts_the_activity_clock() -> None:
+    async def main() -> None:
+        async with running_broker() as r:
+            c = r.client()
+            res = await r.call(c, "session.create")
+            s = r.broker.sessions.find(res["result"]["session_id"])
+            before = s.last_active
+            await asyncio.sleep(0.05)
+            await r.call(c, "session.usage", session_id=s.sid)
+            assert s.last_active > before
+
+    run(main())
+
+
+def test_the_ladder_asks_first_and_a_frozen_worker_is_killed_by_its_group_within_stop_timeout() -> None:
+    async def main() -> None:
+        async with running_broker(stop_timeout=0.6) as r:
+            c = r.client()
+            a = r.broker.sessions.find((await r.call(c, "session.create"))["result"]["session_id"])
+            b = r.broker.sessions.find((await r.call(c, "session.create"))["result"]["session_id"])
+            t0 = time.monotonic()
+            await r.broker.stop(a.worker, "client_close")
+            asked = time.monotonic() - t0
+            assert gone(a.worker.pid) and asked < 0.3  # it finalized when asked: no signal needed
+            os.kill(b.worker.pid, signal.SIGSTOP)  # asked, it cannot answer: SIGTERM at 0.3 s, SIGKILL at 0.6 s
+            t0 = time.monotonic()
+            await r.broker.stop(b.worker, "operator_kill")
+            took = time.monotonic() - t0
+            assert gone(b.worker.pid) and 0.5 < took < 0.9, took
+            assert r.broker.reaps["client_close"] == 1 and r.broker.reaps["operator_kill"] == 1
+
+    run(main())
+
+
+def test_a_raising_stop_hook_skips_neither_the_count_nor_the_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(reason: str, took: float) -> None:
+        raise RuntimeError("a metrics bug")
+
+    async def main() -> None:
+        async with running_broker() as r:
+            r.broker.ladder.on_stopped.append(broken)
+            c = r.client()
+            for _ in range(2):
+                s = r.broker.sessions.find((await r.call(c, "session.create"))["result"]["session_id"])
+                await r.broker.stop(s.worker, "client_close")  # would raise here if the hook's error escaped
+            assert r.broker.reaps["client_close"] == 2
+            assert r.broker.ladder.on_stopped.failures == 2
+
+    with caplog.at_level(logging.INFO, logger="hermes.gateway"):
+        run(main())
+    stopped = [rec for rec in caplog.records if rec.getMessage() == "worker stopped"]
+    failed = [rec for rec in caplog.records if rec.getMessage().startswith("hook failed")]
+    assert len([rec for rec in stopped if rec.fields.get("reason") == "client_close"]) == 2
+    assert len(failed) == 1  # logged once, then only counted
+
+
+def test_backoff_doubles_while_young_and_resets_after_a_good_run() -> None:
+    b = Backoff()
+    assert [b.next(0.0, 1.0) for _ in range(7)] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert b.next(0.0, 60.0) == 0.0 and b.next(59.0, 60.0) == 1.0
+    free = Backoff(free_first=True)
+    assert [free.next(0.0, 1.0) for _ in range(4)] == [0.0, 1.0, 2.0, 4.0]
+
+
+def test_a_fork_server_that_keeps_dying_is_restarted_once_at_once_then_after_a_backoff() -> None:
+    async def main() -> None:
+        async with running_broker() as r:
+            launcher = r.broker.launcher
+            first = launcher.pid
+            os.kill(first, signal.SIGKILL)
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if launcher.pid not in (0, first) and r.broker.lobby is not None and r.broker.lobby.pid:
+                    break
+            second = launcher.pid
+            assert second not in (0, first), "not restarted at once"
+            os.kill(second, signal.SIGKILL)  # again, within seconds of its start: now it waits
+            await asyncio.sleep(0.4)
+            assert launcher.pid == second and launcher.sock is None
+            assert r.broker.pool.launcher_backoff.delay == 1.0
+
+    run(main())
