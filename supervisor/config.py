@@ -47,6 +47,8 @@ class Config:
     heartbeat_liveness: int = 3
     stop_timeout: float = 5.0
     max_workers: int = 64
+    max_client_sessions: int = 0  # sessions one connection may hold at once; 0: max(2, max_workers // 4)
+    max_worker_queue: int = 1000  # calls that may wait on one worker before more are refused
     warm_pool: int = 1
     log_level: str = "info"
     log_format: str = "text"
@@ -86,6 +88,10 @@ class Config:
             "openai_system_prompt": self.openai_system_prompt, "hermes_provider": self.hermes_provider,
         }
 
+    @property
+    def client_sessions_limit(self) -> int:
+        return self.max_client_sessions or max(2, self.max_workers // 4)
+
     def public(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         if out.get("token"):
@@ -114,6 +120,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stop_timeout": (lambda v: 0.1 <= v <= 600, "seconds from 0.1 to 600"),
     "max_workers": (lambda v: 1 <= v <= 10_000, "an integer from 1 to 10000"),
     "warm_pool": (lambda v: 0 <= v <= 64, "an integer from 0 to 64"),
+    "max_client_sessions": (lambda v: 0 <= v <= 10_000, "an integer from 0 (auto) to 10000"),
+    "max_worker_queue": (lambda v: 1 <= v <= 1_000_000, "an integer from 1 to 1000000"),
     "log_level": (lambda v: v in ("debug", "info", "warning", "error"), "debug, info, warning or error"),
     "log_format": (lambda v: v in ("text", "json"), "text or json"),
     # a client frame travels on to a worker: it must stay well under the link's limit (protocol.frames.MAX_FRAME)
@@ -217,7 +225,8 @@ def read_file(path: str) -> dict[str, Any]:
 
 
 LIFECYCLE_KEYS = ("reap_grace", "list_grace", "busy_stale", "heartbeat_interval", "heartbeat_liveness",
-                  "stop_timeout", "max_workers", "warm_pool", "log_level", "monitor_interval")
+                  "stop_timeout", "max_workers", "warm_pool", "log_level", "monitor_interval",
+                  "max_client_sessions", "max_worker_queue")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -55,7 +55,8 @@ class Broker:
         self.workers = WorkerTable(journal)
         self.launcher = launcher(LaunchEvents(self._on_launched, self._on_failed, self._on_exited,
                                               self._on_launcher_lost))
-        self.link = WorkerLink(self.ctx, paths.broker_endpoint, self.workers.get, self._on_frame)
+        self.link = WorkerLink(self.ctx, paths.broker_endpoint, self.workers.get, self._on_frame,
+                               lambda: self.cfg.max_worker_queue)
         self.sessions = SessionTable(lambda: self.limits, lambda: self.cfg.replay_events,
                                      lambda: self.cfg.replay_bytes, self.begin_stop)
         self.sessions.on_change = lambda: self.on_change()
@@ -218,7 +219,7 @@ class Broker:
         self.link.fail_pending(w, f"the worker for this call exited ({reason})")
         s = w.session
         if s is not None:
-            self.sessions.end(s, reason, tell=reason != Reason.CLIENT_CLOSE)
+            self.sessions.end(s, reason)
             if s.key and not self.closing:  # shutdown: every worker finalizes itself, and the lobby is stopping
                 self.end_notes.note(s.key, reason)
         if w.hello is not None and not w.hello.done():

@@ -38,12 +38,14 @@ class Pending:
 
 class WorkerLink:
     def __init__(self, ctx: zmq.Context, endpoint: str, find: Callable[[bytes], Worker | None],
-                 on_frame: Callable[[Worker, dict], None]) -> None:
+                 on_frame: Callable[[Worker, dict], None], max_queue: Callable[[], int] = lambda: 1000) -> None:
         self.endpoint = endpoint
+        self.max_queue = max_queue  # calls that may wait on one worker (the ROUTER itself has no HWM)
         self.find = find  # ident -> live worker
         self.on_frame = on_frame  # every checked frame but a response, from a live worker
         self.router = ctx.socket(zmq.ROUTER)
         self.pending: dict[int, Pending] = {}
+        self.waiting: Counter[bytes] = Counter()  # worker ident -> its calls in `pending`
         self.dropped_frames: Counter[str] = Counter()  # why: parts | malformed | unknown_peer | wrong_pid
         self._noisy = log.Throttled()  # what a rogue local peer can provoke at will
         self._rid = itertools.count(1)
@@ -116,7 +118,7 @@ class WorkerLink:
         pending = self.pending.get(frame["rid"])
         if pending is None or pending.worker is not w:
             return  # only the worker a call went to may answer it
-        del self.pending[frame["rid"]]
+        self._done(frame["rid"])
         if pending.on_reply is not None:
             pending.on_reply(frame)
         elif pending.sink is not None:
@@ -135,21 +137,38 @@ class WorkerLink:
 
     def forward(self, w: Worker, method: str, params: dict, client_id: Any, sink: Sink | None,
                 on_reply: Callable[[dict], None] | None = None) -> bool:
-        """Send a client's call to a worker; its answer goes to `on_reply` (the whole frame) or `sink` (the json)."""
+        """Send a client's call to a worker; its answer goes to `on_reply` (the whole frame) or `sink` (the json).
+
+        A worker with max_queue calls unanswered takes no more: RpcError 4009 naming the limit, and the
+        client's connection stays usable (one client flooding a session cannot grow the broker without bound)."""
+        queued = self.waiting[w.ident]
+        if queued >= self.max_queue():
+            raise jsonrpc.RpcError(jsonrpc.SESSION_BUSY, f"the session's worker has {queued} calls waiting "
+                                   f"(max_worker_queue={self.max_queue()}); retry once it answers")
         rid = next(self._rid)
         # pack first: params msgpack cannot carry (an integer over 64 bits) raise here, before anything is registered
         data = frames.pack(frames.CALL, rid=rid, id=client_id, method=method, params=params)
         self.pending[rid] = Pending(w, method, sink, on_reply, client_id)
+        self.waiting[w.ident] += 1
         ok = self.send(w, data)
         if not ok:
-            self.pending.pop(rid, None)
+            self._done(rid)
         return ok
+
+    def _done(self, rid: int) -> None:
+        p = self.pending.pop(rid, None)
+        if p is not None:
+            left = self.waiting[p.worker.ident] - 1
+            if left > 0:
+                self.waiting[p.worker.ident] = left
+            else:
+                del self.waiting[p.worker.ident]
 
     def fail_pending(self, w: Worker, why: str) -> None:
         """Answer every call still waiting on a worker that is gone: -32603 with the reason."""
         for rid, p in list(self.pending.items()):
             if p.worker is w:
-                del self.pending[rid]
+                self._done(rid)
                 text = jsonrpc.error(p.client_id, jsonrpc.INTERNAL_ERROR, why)
                 if p.on_reply is not None:
                     p.on_reply({"k": "res", "rid": rid, "json": text.encode(), "failed": why})

@@ -63,6 +63,15 @@ class SessionTable:
                     self._reap(s.worker, reason)
         self.on_change()
 
+    def leave(self, client: Client, s: Session, now: float) -> None:
+        """One client lets go of one session it is closing (it is told by the close's answer, not by an event)."""
+        if client.id in s.attached:
+            s.attached.discard(client.id)
+            self._watching.get(client.id, set()).discard(s.sid)
+            if not s.attached:
+                s.detached_at = now
+            self.on_change()
+
     def watching(self, client: Client) -> frozenset[str]:
         return frozenset(self._watching.get(client.id, ()))
 
@@ -128,12 +137,11 @@ class SessionTable:
                     client.send(data)
             s.delivered_seq = seq  # or a later re-attach would replay it a second time
 
-    def end(self, s: Session, reason: str, tell: bool) -> None:
-        """The session's worker is gone: tell who watches (unless `tell` is False), then forget the session."""
-        if tell:
-            if reason in ("worker_exit", "heartbeat_lost"):
-                self.emit(s, "error", {"message": f"the session's worker is gone ({reason})"})
-            self.emit(s, "session.reclaimed", {"session_id": s.sid, "stored_session_id": s.key, "reason": reason})
+    def end(self, s: Session, reason: str) -> None:
+        """The session's worker is gone: tell whoever still watches it why, then forget the session."""
+        if reason in ("worker_exit", "heartbeat_lost"):
+            self.emit(s, "error", {"message": f"the session's worker is gone ({reason})"})
+        self.emit(s, "session.reclaimed", {"session_id": s.sid, "stored_session_id": s.key, "reason": reason})
         self.sessions.pop(s.sid, None)
         if self.by_key.get(s.key) is s:
             self.by_key.pop(s.key, None)

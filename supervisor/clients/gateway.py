@@ -29,6 +29,7 @@ class Gateway:
         self.broker = broker
         self.rpc_counts: dict[tuple[str, str], int] = {}
         self._resuming: dict[str, asyncio.Future] = {}
+        self._starting: dict[int, int] = {}  # client id -> its create/resume calls waiting for a worker
         self._own: dict[str, Callable[[Client, Any, dict, Sink | None], Any]] = {
             "gateway.ping": self.ping,
             "client.capabilities": self.capabilities,
@@ -114,7 +115,9 @@ class Gateway:
         if sink is not None:
             sink(jsonrpc.result(rid, {"ok": True}))
 
-    async def _capacity(self) -> None:
+    async def _capacity(self, client: Client) -> None:
+        """Room for one more session: refuse while draining or with a broken store; at max_workers evict the
+        longest-detached idle session (rules.eviction_order), or refuse; never for a connection at its own cap."""
         b = self.broker
         if not b.accepting:
             raise RpcError(jsonrpc.NO_CAPACITY, "the gateway is draining and accepts no new sessions")
@@ -127,14 +130,23 @@ class Gateway:
                 raise RpcError(jsonrpc.NO_CAPACITY,
                                f"no capacity: {b.cfg.max_workers} sessions are live and none is detached and idle "
                                "(close one, or raise --max-workers)")
+            self._client_cap(client)  # checked before evicting anyone else's session
             await b.stop(victim.worker, Reason.EVICTED)
+        self._client_cap(client)
+
+    def _client_cap(self, client: Client) -> None:
+        limit = self.broker.cfg.client_sessions_limit
+        held = len(self.broker.sessions.watching(client)) + self._starting.get(client.id, 0)
+        if held >= limit:  # one connection cannot take every slot, or evict everyone else's sessions
+            raise RpcError(jsonrpc.NO_CAPACITY, f"no capacity: this connection already holds {held} sessions "
+                           f"(max_client_sessions={limit}); close one first")
 
     async def create(self, client: Client, rid: Any, params: dict, sink: Sink | None) -> None:
         cod = params.get("close_on_disconnect", False)
         if not isinstance(cod, bool):
             raise RpcError(jsonrpc.INVALID_PARAMS, "close_on_disconnect must be a boolean")
-        await self._capacity()
-        await self.broker.pool.start_session(client, rid, "session.create", params, sink, close_on_disconnect=cod)
+        await self._capacity(client)
+        await self._start(client, rid, "session.create", params, sink, cod)
 
     async def resume(self, client: Client, rid: Any, params: dict, sink: Sink | None) -> None:
         target = params.get("session_id")
@@ -151,11 +163,21 @@ class Gateway:
                 return
             if s is not None:
                 await self.broker.stop(s.worker, s.worker.stopping or Reason.CLIENT_CLOSE)
-            await self._capacity()
-            await self.broker.pool.start_session(client, rid, "session.resume", params, sink)
+            await self._capacity(client)
+            await self._start(client, rid, "session.resume", params, sink, False)
         finally:
             del self._resuming[target]
             claim.set_result(None)
+
+    async def _start(self, client: Client, rid: Any, method: str, params: dict, sink: Sink | None,
+                     close_on_disconnect: bool) -> None:
+        self._starting[client.id] = self._starting.get(client.id, 0) + 1
+        try:
+            await self.broker.pool.start_session(client, rid, method, params, sink, close_on_disconnect)
+        finally:
+            left = self._starting.pop(client.id) - 1
+            if left:
+                self._starting[client.id] = left
 
     def _reattach(self, client: Client, s: Session, method: str, rid: Any, params: dict, sink: Sink | None) -> None:
         """Warm re-attach: the same worker answers with its snapshot; then the client gets what it missed."""
@@ -182,6 +204,7 @@ class Gateway:
             if sink is not None:
                 sink(jsonrpc.result(rid, {"closed": False}))
             return
+        self.broker.sessions.leave(client, s, time.monotonic())  # the others watching it get session.reclaimed
         await self.broker.stop(s.worker, Reason.CLIENT_CLOSE)
         if sink is not None:
             sink(jsonrpc.result(rid, {"closed": True}))
