@@ -1,6 +1,7 @@
-"""The lifecycle rules (design.md rules 4 and 5) as pure functions of a session's record and the clock.
+"""The lifecycle rules (docs/lifecycle.md, rules 4, 5 and 8) as pure functions of a session's record and the clock.
 
-The reaper tick calls these; the hypothesis model test drives them with a fake clock.
+The reaper tick (broker.py) and the detach table's immediate check (sessions.py) call
+these; tests/test_rules_model.py drives them with a fake clock.
 """
 
 from __future__ import annotations
@@ -8,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
+from protocol.lifecycle import BUSY_STATES
+
 if TYPE_CHECKING:
     from supervisor.broker.table import Session, Worker
 
-BUSY_STATES = frozenset({"working", "waiting"})
 
 
 @dataclass(frozen=True, slots=True)
