@@ -23,6 +23,7 @@ from protocol.jsonrpc import (
 )
 from worker import commands
 from worker.agents import Agent, TurnResult, make_agent
+from worker.background import DEFAULT_QUEUE, DEFAULT_WORKERS, BackgroundPool
 from worker.channel import Call, Channel, dispatch
 from worker.poller import Completion, NotificationPoller
 from worker.slash import SlashWorker
@@ -51,14 +52,15 @@ class SessionRuntime:
         self.meta_dirty = True
         self.on_state: Callable[[], None] = lambda: None
         self.cancel = threading.Event()
-        self.partial = ""  # the streaming reply so far (for a re-attaching client's snapshot)
+        self._reply: list[str] = []  # the streaming reply so far, in pieces: appending stays linear
         self._turns: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._busy = threading.Lock()  # held for the whole of a turn
         self._turn_thread = threading.Thread(target=self._turn_loop, name="turns", daemon=True)
         self._turn_thread.start()
         self.slash = SlashWorker(timeout=float(config.get("slash_timeout", 30.0)))
         self.poller = NotificationPoller(self.ch.emit)
-        self._background = 0
+        self.background_pool = BackgroundPool(int(config.get("background_workers", DEFAULT_WORKERS)),
+                                              int(config.get("background_queue", DEFAULT_QUEUE)))
         self.handlers: dict[str, Callable[[Call], None]] = {
             "session.create": self.create,
             "session.resume": self.resume,
@@ -85,6 +87,11 @@ class SessionRuntime:
             "config.get": self.config_get,
             "complete.slash": lambda c: c.reply({"items": commands.complete(str(c.params.get("text", "")))}),
         }
+
+    @property
+    def partial(self) -> str:
+        """The streaming reply so far (a re-attaching client's snapshot): joined only when asked."""
+        return "".join(self._reply)
 
     # -- dispatch -------------------------------------------------------------
     def handle(self, call: Call) -> None:
@@ -205,6 +212,7 @@ class SessionRuntime:
             except StoreError as exc:
                 print(f"worker: could not record end of {self.key}: {exc}", flush=True)
         self.slash.stop()
+        self.background_pool.stop()
         self.poller.stop()
         self._turns.put(None)
         # a turn in flight commits its partial text as interrupted before the process goes
@@ -242,9 +250,10 @@ class SessionRuntime:
 
     def _turn(self, text: str) -> None:
         self.ch.emit("message.start", {})
-        self.partial = ""
         parts: list[str] = []
+        self._reply = parts
         msg_id: int | None = None
+        unstored: str | None = None  # why the last commit failed, if it did
         last_commit = time.monotonic()
         result = TurnResult()
         gen = self.agent.run_turn(text, self.history[:-1], self.cancel)
@@ -253,10 +262,9 @@ class SessionRuntime:
                 ev = next(gen)
                 if ev.type == "message.delta":
                     parts.append(ev.payload.get("text", ""))
-                    self.partial += parts[-1]
                 self.ch.emit(ev.type, ev.payload)
                 if time.monotonic() - last_commit >= PARTIAL_COMMIT_INTERVAL:
-                    msg_id = self._commit_reply(msg_id, "".join(parts), "streaming")
+                    msg_id, unstored = self._commit_reply(msg_id, "".join(parts), "streaming")
                     last_commit = time.monotonic()
         except StopIteration as stop:
             result = stop.value or TurnResult()
@@ -265,8 +273,13 @@ class SessionRuntime:
         if result.status == "error":
             self.ch.emit("error", {"message": result.error or "the agent failed"})
         reply = "".join(parts)
-        self.partial = ""
-        msg_id = self._commit_reply(msg_id, reply, result.status)
+        self._reply = []
+        msg_id, unstored = self._commit_reply(msg_id, reply, result.status)
+        if unstored is not None:
+            # write-ahead rule 3: a reply is complete only once stored; the client hears it was not
+            print(f"worker: the reply of {self.key} was not stored: {unstored}", flush=True)
+            result = TurnResult(status="error", error=f"the reply could not be stored: {unstored}",
+                                usage=result.usage)
         self.transcript.append({"id": msg_id, "role": "assistant", "text": reply, "status": result.status})
         self.history.append({"role": "assistant", "content": reply})
         for k in ("input", "output", "total"):
@@ -274,18 +287,23 @@ class SessionRuntime:
         self.usage["turns"] += 1
         self.meta_dirty = True
         self.set_state("idle")  # before complete: a client may submit its next prompt as soon as it sees it
-        self.ch.emit("message.complete", {"text": reply, "usage": result.usage, "status": result.status})
+        done = {"text": reply, "usage": result.usage, "status": result.status}
+        if unstored is not None:
+            done["error"] = result.error
+        self.ch.emit("message.complete", done)
 
-    def _commit_reply(self, msg_id: int | None, text: str, status: str) -> int | None:
+    def _commit_reply(self, msg_id: int | None, text: str, status: str) -> tuple[int | None, str | None]:
+        """(the row id, None) once stored; (the id so far, why) when the store refused it. Logs nothing:
+        a failing partial commit is retried each interval, and the turn's end reports the outcome once."""
         if self.store is None:
-            return msg_id
+            return msg_id, None
         try:
             if msg_id is None:
-                return self.store.add_message(self.key, "assistant", text, status)
+                return self.store.add_message(self.key, "assistant", text, status), None
             self.store.update_message(msg_id, text, status)
         except StoreError as exc:
-            print(f"worker: could not store the reply of {self.key}: {exc}", flush=True)
-        return msg_id
+            return msg_id, str(exc)
+        return msg_id, None
 
     def interrupt(self, call: Call) -> None:
         self.cancel.set()
@@ -303,7 +321,6 @@ class SessionRuntime:
         text = call.params.get("text")
         if not isinstance(text, str) or not text.strip():
             raise RpcError(BAD_VALUE, "text must be a non-empty string")
-        self._background += 1
         task_id = f"bg_{secrets.token_hex(4)}"
 
         def run() -> None:
@@ -318,7 +335,7 @@ class SessionRuntime:
                 status, parts = "error", [str(exc)]
             self.poller.completions.put(Completion(task_id, "".join(parts), status))
 
-        threading.Thread(target=run, name=f"background-{task_id}", daemon=True).start()
+        self.background_pool.submit(run)  # full: a 4290 error naming the limit, nothing started
         call.reply({"task_id": task_id})
 
     # -- small calls ----------------------------------------------------------
