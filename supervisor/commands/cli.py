@@ -7,6 +7,7 @@ import sys
 
 from protocol import __version__
 from supervisor import config as config_mod
+from supervisor import dirs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         cli = {k: v for k, v in vars(args).items() if k != "command"}
         try:
             cfg = config_mod.load(cli)
-        except config_mod.ConfigError as exc:
+            # refused before anything is read or written there; from here on, the resolved paths only
+            cfg.runtime_dir = dirs.private_dir(cfg.runtime_dir, "runtime dir")
+            cfg.data_dir = dirs.private_dir(cfg.data_dir, "data dir")
+        except (config_mod.ConfigError, dirs.UnsafeDir) as exc:
             print(f"hermes-gateway: error: {exc}", file=sys.stderr)
             return 2
         from supervisor import daemon
