@@ -36,6 +36,7 @@ from typing import Any, Callable
 from protocol.jsonrpc import BAD_VALUE, INTERNAL_ERROR
 from worker.calls import INLINE
 from worker.channel import Call, Channel
+from worker.redact import Redactor
 
 # What building an agent and running its first turn import (measured on 0.19.0: ~1500 modules, most of them
 # openai.*), so that a forked worker finds them in the shared heap instead of importing them per session.
@@ -266,6 +267,7 @@ class HermesRuntime:
         self.meta_dirty = True
         self.on_state: Callable[[], None] = lambda: None
         self.store_error = ""
+        self.redact = Redactor.from_config(config)  # the API key never goes out (worker/redact.py)
         self._lock = threading.RLock()  # calls table, bind, and event order around the bind
         self._calls: dict[int, tuple[Call, str]] = {}
         self._early: list[dict] = []  # events written before the bind response went out
@@ -334,6 +336,7 @@ class HermesRuntime:
 
     def on_response(self, obj: dict) -> None:
         """Any thread: one response from Hermes, matched to its call by the local id."""
+        obj = self.redact(obj)
         with self._lock:
             entry = self._calls.pop(obj.get("id"), None)  # type: ignore[arg-type]
             if entry is None:
@@ -376,6 +379,7 @@ class HermesRuntime:
     # -- events ---------------------------------------------------------------
     def on_event(self, params: dict) -> None:
         """Any thread: an event Hermes emitted; sent on with its shape kept and a `seq` added."""
+        params = self.redact(params)
         type_ = str(params.get("type") or "")
         self._note(type_, params.get("payload") if isinstance(params.get("payload"), dict) else {})
         with self._lock:
