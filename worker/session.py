@@ -26,13 +26,14 @@ from worker.agents import Agent, TurnResult, make_agent
 from worker.background import DEFAULT_QUEUE, DEFAULT_WORKERS, BackgroundPool
 from worker.channel import Call, Channel, dispatch
 from worker.poller import Completion, NotificationPoller
+from worker.session_slash import SlashCommands
 from worker.slash import SlashWorker
 from worker.store import Store, StoreError
 
 PARTIAL_COMMIT_INTERVAL = 1.0  # s: a killed worker loses at most this much of a streaming reply
 
 
-class SessionRuntime:
+class SessionRuntime(SlashCommands):
     def __init__(self, channel: Channel, config: dict, store: Store | None, store_error: str | None) -> None:
         self.ch = channel
         self.config = config
@@ -392,54 +393,6 @@ class SessionRuntime:
             call.reply({"value": self.model})
             return
         raise RpcError(BAD_VALUE, f"unknown config key: {key!r}")
-
-    # -- slash ----------------------------------------------------------------
-    def slash_exec(self, call: Call) -> None:
-        command = call.params.get("command")
-        if not isinstance(command, str) or not command.strip():
-            raise RpcError(BAD_VALUE, "command must be a non-empty string")
-        name, arg = commands.parse(command)
-        self.slash.submit(call, lambda: self.run_slash(name, arg))
-
-    def command_dispatch(self, call: Call) -> None:
-        name = call.params.get("name")
-        if not isinstance(name, str) or not name:
-            raise RpcError(BAD_VALUE, "name must be a non-empty string")
-        arg = str(call.params.get("arg") or "")
-        self.slash.submit(call, lambda: self.run_slash(name.lstrip("/").lower(), arg))
-
-    def run_slash(self, name: str, arg: str) -> str:
-        """Runs on the slash worker thread."""
-        if name == "help":
-            return "\n".join(f"{cmd:<8} {desc}" for cmd, desc, _ in commands.COMMANDS)
-        if name == "title":
-            if arg:
-                store = self._store_if_on()
-                self.title = store.set_title(self.key, arg) if store else arg[:200]
-                self.meta_dirty = True
-                self.ch.emit("session.title", {"session_id": self.key, "title": self.title})
-            return f"title: {self.title or '(untitled)'}"
-        if name == "model":
-            if arg:
-                self.model = self.agent.model = arg  # the next turn uses it
-                if self.store is not None:
-                    self.store.set_model(self.key, arg)
-                self.meta_dirty = True
-            return f"model: {self.model}"
-        if name == "usage":
-            u = self.usage
-            return f"turns {u['turns']} · input {u['input']} · output {u['output']} · total {u['total']}"
-        if name == "clear":
-            self.history = []
-            return "context cleared (history stays stored)"
-        if name == "stop":
-            self.cancel.set()
-            return "interrupted" if self.state != "idle" else "nothing running"
-        if name == "sleep":
-            seconds = min(float(arg or 1), 3600.0)
-            time.sleep(seconds)
-            return f"slept {seconds:g}s"
-        raise ValueError(f"unknown command: /{name}")
 
 
 def _cols(params: dict) -> int:
