@@ -125,3 +125,45 @@ def test_files_in_a_0755_data_dir_under_umask_022_are_0600(gateway_factory, tmp_
     for name in ("sessions.db", "sessions.db-wal", "sessions.db-shm", "workers.json"):
         assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
     assert pid_alive(gw.pid)
+
+
+def test_real_leftovers_of_a_killed_broker_carry_the_marker_and_are_swept(gateway_factory, tmp_dirs):
+    """End to end: the fork server held (SIGSTOP) so its workers outlive a SIGKILLed broker; the next gateway
+    on the same dirs recognises them by uid, start time and marker, and kills them and the fork server."""
+    import signal
+
+    from supervisor.ops.journal import is_ours
+    from tests.client import Client
+    from tests.conftest import run
+
+    first = gateway_factory()
+
+    async def create():
+        c = await Client.open(first.url)
+        await c.create()
+        await c.close()
+
+    run(create())
+    wait_for(lambda: first.session_workers(), 5, what="a session worker")
+    marker = worker_tag(str(first.data_dir))
+    kids = first.descendants()
+    zygote = next(p for p in kids if "hermes-zygote" in " ".join(p.cmdline()))
+    workers = [p for p in kids if " ".join(p.cmdline()).startswith("hermes-worker")]
+    assert len(workers) >= 2 and all(is_ours(p, marker) for p in [zygote, *workers])
+    assert not is_ours(psutil.Process(first.pid), marker)  # the broker itself is not a worker
+    wait_for(lambda: len(json.loads((first.data_dir / "workers.json").read_text())) >= 3, 5,
+             what="zygote and workers journaled")
+    os.kill(zygote.pid, signal.SIGSTOP)  # held: it cannot take its workers with it
+    try:
+        os.kill(first.pid, signal.SIGKILL)
+        first.proc.wait(5)
+        assert all(pid_alive(p.pid) for p in workers)
+        second = gateway_factory(runtime_dir=first.runtime_dir, data_dir=first.data_dir)
+        wait_for(lambda: not any(pid_alive(p.pid) for p in [zygote, *workers]), 5, what="the leftovers killed")
+        assert second.log().count("killed a worker left by a previous broker") >= len(workers)
+    finally:
+        for p in [zygote, *workers]:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass

@@ -14,7 +14,9 @@ def plan(config: dict) -> tuple[list[str], dict[str, str]]:
 
     The environment always carries this gateway's marker (protocol/marker.py): the start-up
     sweep kills a journaled process only if it has it."""
-    marker = {MARKER_ENV: worker_tag(str(config.get("data_dir") or ""))}
+    # SPT_NOENV: setproctitle would otherwise reuse the environment's memory for the title, and the
+    # marker would vanish from /proc/PID/environ (titles then fit in the zygote's argv, ~100 bytes)
+    marker = {MARKER_ENV: worker_tag(str(config.get("data_dir") or "")), "SPT_NOENV": "1"}
     if config.get("runtime") == "hermes":
         from worker.hermes_home import prepare  # file work only: Hermes reads HERMES_HOME at import
 
