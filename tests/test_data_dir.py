@@ -21,7 +21,7 @@ from tests.conftest import gateway_binary, pid_alive, wait_for
 NOBODY = 65534
 
 
-def _refused(tmp_dirs, runtime_dir, data_dir) -> subprocess.CompletedProcess:
+def _refused(runtime_dir, data_dir) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_GATEWAY_")}
     res = subprocess.run([gateway_binary(), "run", "--port", "0", "--runtime-dir", str(runtime_dir),
                           "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=30, env=env)
@@ -89,7 +89,7 @@ def test_a_runtime_dir_reached_through_another_users_symlink_is_refused(tmp_dirs
     link = tmp_dirs / "run"
     link.symlink_to(real)
     os.lchown(link, NOBODY, NOBODY)
-    res = _refused(tmp_dirs, link, tmp_dirs / "data")
+    res = _refused(link, tmp_dirs / "data")
     assert res.returncode == 2, res
     assert res.stderr.count("\n") == 1 and "runtime dir" in res.stderr and "symlink owned by uid 65534" in res.stderr
     assert not (real / "token").exists()
@@ -103,11 +103,11 @@ def test_a_dir_owned_by_someone_else_or_writable_by_others_is_refused(tmp_dirs, 
         d.mkdir(mode=0o700)
     target = run if which == "runtime" else data
     os.chown(target, NOBODY, NOBODY)
-    res = _refused(tmp_dirs, run, data)
+    res = _refused(run, data)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "owned by uid 65534" in res.stderr, res
     os.chown(target, 0, 0)
     os.chmod(target, 0o777)
-    res = _refused(tmp_dirs, run, data)
+    res = _refused(run, data)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "writable by others" in res.stderr, res
     assert not (data / "sessions.db").exists() and not (run / "token").exists()
 
