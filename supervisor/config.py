@@ -63,6 +63,8 @@ class Config:
     allowed_origins: str = ""
     persist: bool = True
     slash_timeout: float = 30.0
+    background_workers: int = 2  # prompt.background turns running at once, per session
+    background_queue: int = 8  # and waiting; one more is answered 4290 naming the limit
     openai_base_url: str = ""
     openai_model: str = ""
     openai_api_key_file: str = ""
@@ -81,6 +83,7 @@ class Config:
             "runtime": self.runtime, "agent": self.agent, "echo_delay": self.echo_delay,
             "heartbeat_interval": self.heartbeat_interval, "slash_timeout": self.slash_timeout,
             "stop_timeout": self.stop_timeout,  # the worker derives its finalize waits from it (worker/budget.py)
+            "background_workers": self.background_workers, "background_queue": self.background_queue,
             "store_path": os.path.join(self.data_dir, "sessions.db") if self.persist else "",
             "data_dir": self.data_dir,
             "openai_base_url": self.openai_base_url, "openai_model": self.openai_model,
@@ -134,6 +137,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "replay_bytes": (lambda v: v >= 1024, "bytes ≥ 1024"),
     "monitor_interval": (_positive, "a number of seconds > 0"),
     "slash_timeout": (_positive, "a number of seconds > 0"),
+    "background_workers": (lambda v: 1 <= v <= 64, "an integer from 1 to 64"),
+    "background_queue": (lambda v: 0 <= v <= 10_000, "an integer from 0 to 10000"),
     "openai_timeout": (_positive, "a number of seconds > 0"),
     "metrics_auth": (lambda v: v in ("token", "loopback"), "token or loopback"),
 }

@@ -9,6 +9,8 @@ import secrets
 import stat
 from dataclasses import dataclass
 
+from supervisor.dirs import private_dir
+
 
 class LockHeld(RuntimeError):
     def __init__(self, path: str, pid: int | None) -> None:
@@ -41,12 +43,10 @@ class RuntimePaths:
         return os.path.join(self.root, "gateway.lock")
 
     def ensure(self) -> None:
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
-        st = os.stat(self.root)
-        if st.st_uid != os.getuid():
-            raise PermissionError(f"runtime dir {self.root} is owned by uid {st.st_uid}, not {os.getuid()}")
-        if stat.S_IMODE(st.st_mode) != 0o700:
-            os.chmod(self.root, 0o700)
+        """Refuse a dir others own or can write (supervisor/dirs.py), then make it 0700."""
+        real = private_dir(self.root, "runtime dir")
+        if stat.S_IMODE(os.stat(real).st_mode) != 0o700:
+            os.chmod(real, 0o700)
 
     def lock(self) -> int:
         """Take the single-instance lock before binding anything; held for the life of the process."""
@@ -82,8 +82,8 @@ class RuntimePaths:
 
 
 def _write_private(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(6)}.tmp"  # fresh: nothing planted at it is followed
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)

@@ -256,3 +256,38 @@ def test_home_config_keeps_what_is_not_the_gateways(tmp_dirs):
     assert data["display"] == {"busy_input_mode": "queue"}
     assert data["model"] == {"provider": "openrouter", "default": "m2", "context_length": 4096}
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_the_api_key_reaches_the_provider_but_never_a_client(tmp_dirs):
+    """Issue 14 item 12: --openai-api-key-file goes into hermes-home/config.yaml (Hermes reads it from there),
+    and Hermes' config.get {key: "full"} returns that file: the worker masks it in everything it sends."""
+    import json
+
+    secret = "sk-test-hermes-9f3c2e1d7a6b5c4d"
+    key = tmp_dirs / "key"
+    key.write_text(secret + "\n")
+    key.chmod(0o600)
+    with FakeOpenAI(reply=REPLY, api_key=secret) as server:  # answers 401 unless the key is sent
+        g = start_gateway(tmp_dirs, "--runtime", "hermes", "--openai-base-url", server.base_url,
+                          "--openai-model", "fake-model", "--openai-api-key-file", str(key))
+        try:
+            async def go():
+                c = await Client.open(g.url)
+                try:
+                    full = await c.call("config.get", {"key": "full"})
+                    assert full["config"]["model"]["api_key"] == "***"
+                    assert full["config"]["model"]["default"] == "fake-model"
+                    created = await c.call("session.create", {"cols": 100}, timeout=20)
+                    sid = created["session_id"]
+                    in_session = await c.call("config.get", {"session_id": sid, "key": "full"})
+                    done = await c.turn(sid, "hello", timeout=40)
+                    assert done["payload"].get("status", "complete") == "complete", done
+                    seen = json.dumps([full, created, in_session, c.events])
+                    assert secret not in seen and REPLY.split()[0] in seen
+                finally:
+                    await c.close()
+
+            run(go(), 80)
+            assert server.requests and server.last().headers.get("authorization") == f"Bearer {secret}"
+        finally:
+            kill_tree(g)

@@ -16,10 +16,12 @@ import signal
 import sqlite3
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
+from protocol.marker import MARKER_ENV, worker_tag
 from tests.client import Client
 from tests.conftest import pid_alive, run, wait_for
 
@@ -91,17 +93,22 @@ def test_sigkill_of_the_broker_takes_every_worker_and_its_children(gateway_facto
              what=f"every worker and child gone; alive: {[p for p in everyone if pid_alive(p)]}")
 
 
-def _spawn_group() -> subprocess.Popen:
+def _marked(data: Path) -> dict:
+    """The environment a worker of a gateway on `data` inherits: its marker, which the start-up sweep checks."""
+    return {**os.environ, MARKER_ENV: worker_tag(str(data))}
+
+
+def _spawn_group(data: Path) -> subprocess.Popen:
     """A stand-in for a worker a dead broker left behind: a group leader with a child in its group."""
     return subprocess.Popen(["sh", "-c", "sleep 300 & exec sleep 301"], start_new_session=True,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, env=_marked(data))
 
 
 def test_restart_kills_a_journaled_leftover_and_spares_a_reused_pid(gateway_factory, tmp_dirs):
     data = tmp_dirs / "data"
     data.mkdir(mode=0o700)
-    left = _spawn_group()
-    decoy = subprocess.Popen(["sleep", "302"], start_new_session=True, stdin=subprocess.DEVNULL)
+    left = _spawn_group(data)
+    decoy = subprocess.Popen(["sleep", "302"], start_new_session=True, stdin=subprocess.DEVNULL, env=_marked(data))
     try:
         kid = wait_for(lambda: psutil.Process(left.pid).children(), 5, what="child of the leftover")[0]
         rows = [
@@ -176,9 +183,10 @@ def _end_of(gw, key: str) -> tuple[float | None, str | None]:
     return row[0], row[1]
 
 
-def _orphaned_group(tag: str) -> tuple[int, psutil.Process]:
+def _orphaned_group(tag: str, data: Path) -> tuple[int, psutil.Process]:
     """A group whose leader already exited and whose child (reparented) lives on: a worker killed with its zygote."""
-    leader = subprocess.Popen(["sh", "-c", f"sleep {tag} & exit 0"], start_new_session=True, stdin=subprocess.DEVNULL)
+    leader = subprocess.Popen(["sh", "-c", f"sleep {tag} & exit 0"], start_new_session=True, stdin=subprocess.DEVNULL,
+                              env=_marked(data))
     leader.wait(5)
     kid = wait_for(lambda: [p for p in psutil.process_iter(["cmdline"])
                             if p.info["cmdline"] == ["sleep", tag]], 5, what="the orphaned child")[0]
@@ -190,8 +198,8 @@ def test_restart_kills_what_a_dead_worker_left_in_its_group(gateway_factory, tmp
     """Broker and zygote killed together: the worker died, its child did not; the next broker finds it by group."""
     data = tmp_dirs / "data"
     data.mkdir(mode=0o700)
-    pgid, kid = _orphaned_group("305")
-    decoy_pgid, decoy = _orphaned_group("306")
+    pgid, kid = _orphaned_group("305", data)
+    decoy_pgid, decoy = _orphaned_group("306", data)
     try:
         rows = [
             {"pid": pgid, "create_time": kid.create_time() - 1, "pgid": pgid, "kind": "session", "session": "k1"},

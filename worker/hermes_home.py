@@ -92,8 +92,8 @@ def _write_model(path: str, section: dict[str, str]) -> None:
     if wanted == data.get("model"):
         return  # unchanged: keep the mtime the TUI polls
     data["model"] = wanted
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write("# model: is written by hermes-gateway from its settings; the rest is yours\n")
         yaml.safe_dump(data, fh, sort_keys=False, allow_unicode=True)

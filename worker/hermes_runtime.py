@@ -37,6 +37,7 @@ from worker.hermes_preload import server, start_held_threads
 from worker.hermes_process import (
     GroupedSubprocess, LazySlashWorker, become_subreaper, kill_descendants, no_update_check,
 )
+from worker.redact import Redactor
 
 # A bound worker hosts exactly one session: methods that would open a second one here are refused.
 _ONE_SESSION_ONLY = frozenset({"session.branch"})
@@ -88,6 +89,7 @@ class HermesRuntime:
         self.meta_dirty = True
         self.on_state: Callable[[], None] = lambda: None
         self.store_error = ""
+        self.redact = Redactor.from_config(config)  # the API key never goes out (worker/redact.py)
         self._lock = threading.RLock()  # calls table, bind, and event order around the bind
         self._calls: dict[int, tuple[Call, str]] = {}
         self._early: list[dict] = []  # events written before the bind response went out
@@ -156,6 +158,7 @@ class HermesRuntime:
 
     def on_response(self, obj: dict) -> None:
         """Any thread: one response from Hermes, matched to its call by the local id."""
+        obj = self.redact(obj)
         with self._lock:
             entry = self._calls.pop(obj.get("id"), None)  # type: ignore[arg-type]
             if entry is None:
@@ -198,6 +201,7 @@ class HermesRuntime:
     # -- events ---------------------------------------------------------------
     def on_event(self, params: dict) -> None:
         """Any thread: an event Hermes emitted; sent on with its shape kept and a `seq` added."""
+        params = self.redact(params)
         type_ = str(params.get("type") or "")
         self._note(type_, params.get("payload") if isinstance(params.get("payload"), dict) else {})
         with self._lock:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Callable
 
 from protocol.jsonrpc import BAD_VALUE, STORE_UNAVAILABLE, RpcError
 from worker import commands
 from worker.channel import Call, dispatch
-from worker.store import Store, StoreError
+from worker.store import QUICK_CHECK_BUDGET_S, Store, StoreError
 
 _CONFIG_MTIME = time.time()
 
@@ -26,8 +27,7 @@ class LobbyRuntime:
 
     def __init__(self, config: dict, store: Store | None, store_error: str | None) -> None:
         self.config = config
-        self.store = store
-        self.store_error = store_error
+        self.store, self.store_error = _checked(store, store_error)
         self.on_state: Callable[[], None] = lambda: None
         self.handlers: dict[str, Callable[[Call], None]] = {
             "commands.catalog": lambda c: c.reply(commands.catalog()),
@@ -137,3 +137,22 @@ class LobbyRuntime:
         name, _ = commands.parse(str(call.params.get("name") or call.params.get("command") or ""))
         known = {cmd.lstrip("/") for cmd, _, _ in commands.COMMANDS}
         call.reply({"canonical": f"/{name}" if name in known else None, "known": name in known})
+
+
+def _checked(store: Store | None, error: str | None) -> tuple[Store | None, str | None]:
+    """The start check (PRAGMA quick_check, bounded): a damaged store is refused, closed, and never written.
+
+    The lobby runs it once per gateway start; its hello carries the error, and the broker then
+    refuses creates and resumes, so no worker writes into the damaged file.
+    """
+    if store is None:
+        return None, error
+    try:
+        if not store.quick_check():
+            print(f"lobby: the store check did not finish within {QUICK_CHECK_BUDGET_S:g} s; not checked",
+                  flush=True)
+        return store, None
+    except StoreError as exc:
+        print(f"worker: session store unusable: {exc}", file=sys.stderr, flush=True)
+        store.close()
+        return None, str(exc)

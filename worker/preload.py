@@ -6,12 +6,20 @@ and no runtime itself.
 
 from __future__ import annotations
 
+from protocol.marker import MARKER_ENV, worker_tag
+
 
 def plan(config: dict) -> tuple[list[str], dict[str, str]]:
-    """(modules the zygote imports before forking, environment it starts with)."""
+    """(modules the zygote imports before forking, environment it starts with).
+
+    The environment always carries this gateway's marker (protocol/marker.py): the start-up
+    sweep kills a journaled process only if it has it."""
+    # SPT_NOENV: setproctitle would otherwise reuse the environment's memory for the title, and the
+    # marker would vanish from /proc/PID/environ (titles then fit in the zygote's argv, ~100 bytes)
+    marker = {MARKER_ENV: worker_tag(str(config.get("data_dir") or "")), "SPT_NOENV": "1"}
     if config.get("runtime") == "hermes":
         from worker.hermes_home import prepare  # file work only: Hermes reads HERMES_HOME at import
 
-        return ["worker.hermes_runtime"], prepare(config)
+        return ["worker.hermes_runtime"], {**prepare(config), **marker}
     agent = "worker.agents.openai" if config.get("agent") == "openai" else "worker.agents.echo"
-    return ["worker.session", "worker.lobby", agent], {}  # the agent too: an import after the fork costs ~2 ms
+    return ["worker.session", "worker.lobby", agent], marker  # the agent too: an import after the fork costs ~2 ms

@@ -24,16 +24,18 @@ from protocol.jsonrpc import (
 )
 from worker import commands
 from worker.agents import Agent, TurnResult, make_agent
+from worker.background import DEFAULT_QUEUE, DEFAULT_WORKERS, BackgroundPool
 from worker.budget import stop_budget
 from worker.channel import Call, Channel, dispatch
 from worker.poller import Completion, NotificationPoller
+from worker.session_slash import SlashCommands
 from worker.slash import SlashWorker
 from worker.store import Store, StoreError
 
 PARTIAL_COMMIT_INTERVAL = 1.0  # s: a killed worker loses at most this much of a streaming reply
 
 
-class SessionRuntime:
+class SessionRuntime(SlashCommands):
     """worker.runtime.Runtime for one builtin session."""
 
     dispatches_off_main = False  # main.py runs handle() on its calls thread
@@ -58,7 +60,7 @@ class SessionRuntime:
         self.meta_dirty = True
         self.on_state: Callable[[], None] = lambda: None
         self.cancel = threading.Event()
-        self.partial = ""  # the streaming reply so far (for a re-attaching client's snapshot)
+        self._reply: list[str] = []  # the streaming reply so far, in pieces: appending stays linear
         self._turns: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._busy = threading.Lock()  # held for the whole of a turn
         self._turn_thread = threading.Thread(target=self._turn_loop, name="turns", daemon=True)
@@ -66,7 +68,8 @@ class SessionRuntime:
         self.slash = SlashWorker(timeout=float(config.get("slash_timeout", 30.0)))
         self.budget = stop_budget(config)
         self.poller = NotificationPoller(self.ch.emit)
-        self._background = 0
+        self.background_pool = BackgroundPool(int(config.get("background_workers", DEFAULT_WORKERS)),
+                                              int(config.get("background_queue", DEFAULT_QUEUE)))
         self.handlers: dict[str, Callable[[Call], None]] = {
             "session.create": self.create,
             "session.resume": self.resume,
@@ -93,6 +96,11 @@ class SessionRuntime:
             "config.get": self.config_get,
             "complete.slash": lambda c: c.reply({"items": commands.complete(str(c.params.get("text", "")))}),
         }
+
+    @property
+    def partial(self) -> str:
+        """The streaming reply so far (a re-attaching client's snapshot): joined only when asked."""
+        return "".join(self._reply)
 
     # -- dispatch -------------------------------------------------------------
     def handle(self, call: Call) -> None:
@@ -213,6 +221,7 @@ class SessionRuntime:
             except StoreError as exc:
                 print(f"worker: could not record end of {self.key}: {exc}", flush=True)
         self.slash.stop()
+        self.background_pool.stop()
         self.poller.stop()
         self._turns.put(None)
         # a turn in flight commits its partial text as interrupted before the process goes
@@ -256,9 +265,10 @@ class SessionRuntime:
 
     def _turn(self, text: str) -> None:
         self.ch.emit("message.start", {})
-        self.partial = ""
         parts: list[str] = []
+        self._reply = parts
         msg_id: int | None = None
+        unstored: str | None = None  # why the last commit failed, if it did
         last_commit = time.monotonic()
         result = TurnResult()
         gen = self.agent.run_turn(text, self.history[:-1], self.cancel)
@@ -267,10 +277,9 @@ class SessionRuntime:
                 ev = next(gen)
                 if ev.type == "message.delta":
                     parts.append(ev.payload.get("text", ""))
-                    self.partial += parts[-1]
                 self.ch.emit(ev.type, ev.payload)
                 if time.monotonic() - last_commit >= PARTIAL_COMMIT_INTERVAL:
-                    msg_id = self._commit_reply(msg_id, "".join(parts), "streaming")
+                    msg_id, unstored = self._commit_reply(msg_id, "".join(parts), "streaming")
                     last_commit = time.monotonic()
         except StopIteration as stop:
             result = stop.value or TurnResult()
@@ -279,8 +288,13 @@ class SessionRuntime:
         if result.status == "error":
             self.ch.emit("error", {"message": result.error or "the agent failed"})
         reply = "".join(parts)
-        self.partial = ""
-        msg_id = self._commit_reply(msg_id, reply, result.status)
+        self._reply = []
+        msg_id, unstored = self._commit_reply(msg_id, reply, result.status)
+        if unstored is not None:
+            # write-ahead rule 3: a reply is complete only once stored; the client hears it was not
+            print(f"worker: the reply of {self.key} was not stored: {unstored}", flush=True)
+            result = TurnResult(status="error", error=f"the reply could not be stored: {unstored}",
+                                usage=result.usage)
         self.transcript.append({"id": msg_id, "role": "assistant", "text": reply, "status": result.status})
         self.history.append({"role": "assistant", "content": reply})
         for k in ("input", "output", "total"):
@@ -288,18 +302,23 @@ class SessionRuntime:
         self.usage["turns"] += 1
         self.meta_dirty = True
         self.set_state("idle")  # before complete: a client may submit its next prompt as soon as it sees it
-        self.ch.emit("message.complete", {"text": reply, "usage": result.usage, "status": result.status})
+        done = {"text": reply, "usage": result.usage, "status": result.status}
+        if unstored is not None:
+            done["error"] = result.error
+        self.ch.emit("message.complete", done)
 
-    def _commit_reply(self, msg_id: int | None, text: str, status: str) -> int | None:
+    def _commit_reply(self, msg_id: int | None, text: str, status: str) -> tuple[int | None, str | None]:
+        """(the row id, None) once stored; (the id so far, why) when the store refused it. Logs nothing:
+        a failing partial commit is retried each interval, and the turn's end reports the outcome once."""
         if self.store is None:
-            return msg_id
+            return msg_id, None
         try:
             if msg_id is None:
-                return self.store.add_message(self.key, "assistant", text, status)
+                return self.store.add_message(self.key, "assistant", text, status), None
             self.store.update_message(msg_id, text, status)
         except StoreError as exc:
-            print(f"worker: could not store the reply of {self.key}: {exc}", flush=True)
-        return msg_id
+            return msg_id, str(exc)
+        return msg_id, None
 
     def interrupt(self, call: Call) -> None:
         self.cancel.set()
@@ -317,7 +336,6 @@ class SessionRuntime:
         text = call.params.get("text")
         if not isinstance(text, str) or not text.strip():
             raise RpcError(BAD_VALUE, "text must be a non-empty string")
-        self._background += 1
         task_id = f"bg_{secrets.token_hex(4)}"
 
         def run() -> None:
@@ -332,7 +350,7 @@ class SessionRuntime:
                 status, parts = "error", [str(exc)]
             self.poller.completions.put(Completion(task_id, "".join(parts), status))
 
-        threading.Thread(target=run, name=f"background-{task_id}", daemon=True).start()
+        self.background_pool.submit(run)  # full: a 4290 error naming the limit, nothing started
         call.reply({"task_id": task_id})
 
     # -- small calls ----------------------------------------------------------
@@ -389,54 +407,6 @@ class SessionRuntime:
             call.reply({"value": self.model})
             return
         raise RpcError(BAD_VALUE, f"unknown config key: {key!r}")
-
-    # -- slash ----------------------------------------------------------------
-    def slash_exec(self, call: Call) -> None:
-        command = call.params.get("command")
-        if not isinstance(command, str) or not command.strip():
-            raise RpcError(BAD_VALUE, "command must be a non-empty string")
-        name, arg = commands.parse(command)
-        self.slash.submit(call, lambda: self.run_slash(name, arg))
-
-    def command_dispatch(self, call: Call) -> None:
-        name = call.params.get("name")
-        if not isinstance(name, str) or not name:
-            raise RpcError(BAD_VALUE, "name must be a non-empty string")
-        arg = str(call.params.get("arg") or "")
-        self.slash.submit(call, lambda: self.run_slash(name.lstrip("/").lower(), arg))
-
-    def run_slash(self, name: str, arg: str) -> str:
-        """Runs on the slash worker thread."""
-        if name == "help":
-            return "\n".join(f"{cmd:<8} {desc}" for cmd, desc, _ in commands.COMMANDS)
-        if name == "title":
-            if arg:
-                store = self._store_if_on()
-                self.title = store.set_title(self.key, arg) if store else arg[:200]
-                self.meta_dirty = True
-                self.ch.emit("session.title", {"session_id": self.key, "title": self.title})
-            return f"title: {self.title or '(untitled)'}"
-        if name == "model":
-            if arg:
-                self.model = self.agent.model = arg  # the next turn uses it
-                if self.store is not None:
-                    self.store.set_model(self.key, arg)
-                self.meta_dirty = True
-            return f"model: {self.model}"
-        if name == "usage":
-            u = self.usage
-            return f"turns {u['turns']} · input {u['input']} · output {u['output']} · total {u['total']}"
-        if name == "clear":
-            self.history = []
-            return "context cleared (history stays stored)"
-        if name == "stop":
-            self.cancel.set()
-            return "interrupted" if self.state != "idle" else "nothing running"
-        if name == "sleep":
-            seconds = min(float(arg or 1), 3600.0)
-            time.sleep(seconds)
-            return f"slept {seconds:g}s"
-        raise ValueError(f"unknown command: /{name}")
 
 
 def _cols(params: dict) -> int:

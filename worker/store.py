@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 BUSY_TIMEOUT_MS = 30_000
+QUICK_CHECK_BUDGET_S = 5.0  # the lobby's start check; a store too large to check in this time is not checked
 OPEN_TIMEOUT_S = 10.0  # how long opening retries a locked file before reporting it (workers must say hello)
 CORRUPT_HINT = ("; the file is left as it is: move it aside to start an empty store, or restore a backup"
                 " (see docs/persistence.md)")
@@ -138,6 +140,7 @@ class Store:
     def _open(self) -> None:
         path = self.path
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        private_files(path)  # SQLite gives the WAL and SHM the database file's mode
         # opening waits at most OPEN_TIMEOUT_S for a lock (a file some other tool holds is reported,
         # not waited on for the whole write timeout); writes afterwards wait BUSY_TIMEOUT_MS
         self._db = sqlite3.connect(path, timeout=OPEN_TIMEOUT_S, isolation_level=None, check_same_thread=False)
@@ -189,6 +192,30 @@ class Store:
     def check(self) -> None:
         """Raise StoreError unless the database answers a real query."""
         self._read("SELECT count(*) FROM sessions")
+
+    def quick_check(self, budget: float = QUICK_CHECK_BUDGET_S) -> bool:
+        """PRAGMA quick_check, abandoned after `budget` s; raise StoreError naming what is damaged.
+
+        A page zeroed in the middle of the file still answers `check()`; only reading every page
+        finds it. False when the budget ran out (the store was not checked, and is used as before).
+        """
+        deadline = time.monotonic() + budget
+        with self._lock:
+            self._db.set_progress_handler(lambda: int(time.monotonic() > deadline), 1000)
+            try:
+                rows = [r[0] for r in self._db.execute("PRAGMA quick_check(20)").fetchall()]
+            except sqlite3.OperationalError as exc:
+                if "interrupted" in str(exc):
+                    return False
+                raise StoreError(f"{self.path}: damaged (PRAGMA quick_check: {exc})" + CORRUPT_HINT) from None
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"{self.path}: damaged (PRAGMA quick_check: {exc})" + CORRUPT_HINT) from None
+            finally:
+                self._db.set_progress_handler(None, 0)
+        if rows != ["ok"]:
+            raise StoreError(f"{self.path}: damaged (PRAGMA quick_check: {'; '.join(map(str, rows[:3]))})"
+                             + CORRUPT_HINT)
+        return True
 
     def close(self) -> None:
         with self._lock:
@@ -300,6 +327,22 @@ _SESSION_SELECT = (
     "SELECT s.*, (SELECT substr(m.text, 1, 80) FROM messages m WHERE m.session_key = s.key AND m.role = 'user'"
     " ORDER BY m.id LIMIT 1) AS preview FROM sessions s"
 )
+
+
+def private_files(path: str) -> None:
+    """Create the database file 0600 whatever the umask, and take group/other access off an existing one
+    and its WAL/SHM: the store holds every conversation."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    except IsADirectoryError:
+        return  # reported by SQLite, naming the file
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            st = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077 and st.st_uid == os.getuid():
+            os.chmod(name, stat.S_IMODE(st.st_mode) & 0o700)
 
 
 def _describe(path: str, exc: sqlite3.Error) -> str:

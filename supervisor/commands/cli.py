@@ -7,6 +7,7 @@ import sys
 
 from protocol import __version__
 from supervisor import config as config_mod
+from supervisor import dirs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,7 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     kind = svc.add_mutually_exclusive_group(required=True)
     kind.add_argument("--systemd", action="store_true")
     kind.add_argument("--launchd", action="store_true")
-    svc.add_argument("--user", action="store_true", help="systemd: a user unit (the default for non-root)")
+    svc.add_argument("--user", nargs="?", const=True, default=False, metavar="NAME",
+                     help="systemd: alone, a user unit (the default for non-root); with NAME, a system unit that"
+                          " runs as that unprivileged account")
+    svc.add_argument("--dynamic-user", action="store_true",
+                     help="systemd: a system unit with DynamicUser=yes (its data in StateDirectory=)")
+    svc.add_argument("--allow-root", action="store_true", help="systemd: write a system unit that runs as root")
+    svc.add_argument("--limit-nofile", type=int, default=None, metavar="N", help="systemd: LimitNOFILE= (default 65536)")
+    svc.add_argument("--tasks-max", default=None, metavar="N", help="systemd: TasksMax= (default 4096)")
+    svc.add_argument("--memory-max", default=None, metavar="BYTES", help="systemd: MemoryMax=, e.g. 8G (default infinity)")
     svc.add_argument("--print", dest="print_only", action="store_true", help="print instead of writing")
     svc.add_argument("--config", default=None, help="config file the service runs with")
     return parser
@@ -37,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         cli = {k: v for k, v in vars(args).items() if k != "command"}
         try:
             cfg = config_mod.load(cli)
-        except config_mod.ConfigError as exc:
+            # refused before anything is read or written there; from here on, the resolved paths only
+            cfg.runtime_dir = dirs.private_dir(cfg.runtime_dir, "runtime dir")
+            cfg.data_dir = dirs.private_dir(cfg.data_dir, "data dir")
+        except (config_mod.ConfigError, dirs.UnsafeDir) as exc:
             print(f"hermes-gateway: error: {exc}", file=sys.stderr)
             return 2
         from supervisor import daemon

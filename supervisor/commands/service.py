@@ -8,11 +8,12 @@ daemon dies under each is explained in docs/operations.md.
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
 import plistlib
+import pwd
 import shlex
 import sys
+from dataclasses import dataclass
 
 from supervisor import config as config_mod
 
@@ -20,6 +21,9 @@ UNIT_NAME = "hermes-gateway.service"
 LAUNCHD_LABEL = "ai.hermes.gateway"
 WATCHDOG_SEC = 30  # the loop pings every 15 s; a loop wedged for 30 s gets the daemon restarted
 THROTTLE_SEC = 10
+LIMIT_NOFILE = 65536  # ~1,050 descriptors per 1,000 live sessions in the broker: room for --max-workers 10000
+TASKS_MAX = 4096  # every worker, its threads, and what its agent runs
+STATE_NAME = "hermes-supervisor"  # StateDirectory= and RuntimeDirectory= of a system unit
 _DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "operations.md")
 
 
@@ -47,9 +51,46 @@ def _systemd_quote(arg: str) -> str:
     return '"' + arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
 
 
-def systemd_unit(user_unit: bool, config: str | None = None) -> str:
+class UnitRefused(ValueError):
+    """A unit this command will not write, and what to give instead."""
+
+
+@dataclass(frozen=True)
+class SystemdOptions:
+    """Who a system unit runs as, and its resource knobs."""
+
+    user: str = ""  # User= (an unprivileged account); "" with dynamic_user: DynamicUser=yes
+    dynamic_user: bool = False
+    allow_root: bool = False  # the explicit flag a root unit needs
+    limit_nofile: int = LIMIT_NOFILE
+    tasks_max: str = str(TASKS_MAX)
+    memory_max: str = "infinity"
+
+
+def check_run_as(opts: SystemdOptions) -> None:
+    """Refuse a system unit that would run the agent and its tools as root, unless asked for explicitly."""
+    if opts.dynamic_user and opts.user:
+        raise UnitRefused("--dynamic-user and --user NAME exclude each other")
+    if opts.dynamic_user:
+        return
+    if not opts.user:
+        if opts.allow_root:
+            return
+        raise UnitRefused("a system unit would run the agent and its tools as root: give --user NAME (an "
+                          "unprivileged account), --dynamic-user, or --allow-root to mean it")
+    try:
+        entry = pwd.getpwnam(opts.user)
+    except KeyError:
+        raise UnitRefused(f"--user {opts.user}: no such user on this machine") from None
+    if entry.pw_uid == 0 and not opts.allow_root:
+        raise UnitRefused(f"--user {opts.user} is root (uid 0): give an unprivileged account, or --allow-root")
+
+
+def systemd_unit(user_unit: bool, config: str | None = None, opts: SystemdOptions | None = None) -> str:
+    opts = opts or SystemdOptions()
     cmd = gateway_command(config)
     stop = _stop_timeout(config)
+    file_values = config_mod.read_file(config) if config else {}
     data_dir = config_mod.load({"config": config}).data_dir if config else config_mod.Config().data_dir
     lines = [
         "[Unit]",
@@ -73,11 +114,15 @@ def systemd_unit(user_unit: bool, config: str | None = None) -> str:
         "Restart=on-failure",
         "RestartSec=2",
         # the ipc sockets and the token live here (0700); hermes-ps finds them through this variable
-        "RuntimeDirectory=hermes-supervisor",
+        f"RuntimeDirectory={STATE_NAME}",
         "RuntimeDirectoryMode=0700",
-        "Environment=HERMES_GATEWAY_RUNTIME_DIR=%t/hermes-supervisor",
+        f"Environment=HERMES_GATEWAY_RUNTIME_DIR=%t/{STATE_NAME}",
         "Environment=PYTHONUNBUFFERED=1",
         "UMask=0077",
+        # the gateway raises its soft limit to this hard one at start: ~1 descriptor per live session, plus spares
+        f"LimitNOFILE={int(opts.limit_nofile)}",
+        f"TasksMax={opts.tasks_max}",
+        f"MemoryMax={opts.memory_max}",
         # hardening that does not get in the way of an agent working on the user's files
         "NoNewPrivileges=yes",
         "LockPersonality=yes",
@@ -87,11 +132,19 @@ def systemd_unit(user_unit: bool, config: str | None = None) -> str:
         "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
     ]
     if not user_unit:
-        user = getpass.getuser()
-        if os.getuid() != 0:
-            lines.insert(lines.index("Type=notify"), f"User={user}")
+        # never root unless asked (check_run_as): the agent runs tools, from a venv a user may own
+        who = ["DynamicUser=yes"] if opts.dynamic_user else [f"User={opts.user}"] if opts.user else []
+        at = lines.index("Type=notify")
+        lines[at:at] = who
+        if "data_dir" not in file_values:
+            # the data dir of the account the unit runs as, made by systemd (0700, owned by that account)
+            lines += [f"StateDirectory={STATE_NAME}", "StateDirectoryMode=0700",
+                      f"Environment=HERMES_GATEWAY_DATA_DIR=%S/{STATE_NAME}"]
+            data_dir = ""
         lines += [
-            "ProtectSystem=full",
+            # the whole file system read-only but the data dir; homes read-only (the venv may live in one)
+            "ProtectSystem=strict",
+            "ProtectHome=read-only",
             "PrivateTmp=yes",
             "PrivateDevices=yes",
             "ProtectKernelTunables=yes",
@@ -100,8 +153,12 @@ def systemd_unit(user_unit: bool, config: str | None = None) -> str:
             "ProtectControlGroups=yes",
             "ProtectClock=yes",
             "ProtectHostname=yes",
-            "ReadWritePaths=" + _systemd_quote("-" + data_dir),
+            *(["ReadWritePaths=" + _systemd_quote("-" + data_dir)] if data_dir else []),
         ]
+        if who:
+            # an unprivileged account needs no capability; other users' processes stay out of sight
+            lines += ["CapabilityBoundingSet=", "AmbientCapabilities=", "RemoveIPC=yes", "PrivateMounts=yes",
+                      "ProtectProc=invisible"]
     lines += ["", "[Install]", "WantedBy=" + ("default.target" if user_unit else "multi-user.target"), ""]
     return "\n".join(lines)
 
@@ -151,8 +208,17 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.systemd:
-            user_unit = args.user or os.getuid() != 0
-            text = systemd_unit(user_unit, args.config)
+            run_as = args.user if isinstance(args.user, str) else ""
+            user_unit = args.user is True or (os.getuid() != 0 and not run_as and not args.dynamic_user)
+            opts = SystemdOptions(user=run_as, dynamic_user=args.dynamic_user, allow_root=args.allow_root,
+                                  limit_nofile=args.limit_nofile or LIMIT_NOFILE,
+                                  tasks_max=args.tasks_max or str(TASKS_MAX), memory_max=args.memory_max or "infinity")
+            for knob in (opts.tasks_max, opts.memory_max):
+                if not knob.replace(".", "").rstrip("KMGTP%").isdigit() and knob != "infinity":
+                    raise UnitRefused(f"{knob!r} is not a size or count systemd takes (a number, 8G, 50%, infinity)")
+            if not user_unit:
+                check_run_as(opts)
+            text = systemd_unit(user_unit, args.config, opts)
             if args.print_only:
                 sys.stdout.write(text)
                 return 0
@@ -177,7 +243,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"wrote {path}\nnext:\n  launchctl bootstrap gui/{os.getuid()} {shlex.quote(path)}\n"
               f"  launchctl kickstart -k gui/{os.getuid()}/{LAUNCHD_LABEL}")
         return 0
-    except config_mod.ConfigError as exc:
+    except (config_mod.ConfigError, UnitRefused) as exc:
         print(f"hermes-gateway: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -272,6 +272,64 @@ def test_broker_sigkill(rig, tally):
     _broker_kill(rig, tally, cycles=1)
 
 
+# -- a planted journal (issue 14 item 2) ----------------------------------------------------
+def test_planted_journal(rig, tally):
+    """The broker SIGKILLed, then its journal replaced by one naming an unrelated process of ours (right pid,
+    right start time) and a workers.json.tmp link to a file of ours: the restart kills nothing of them,
+    overwrites nothing, and the old session resumes whole."""
+    import json
+    import subprocess
+
+    import psutil
+
+    gw = rig.start(*FLAGS, name="planted")
+    chk = Checker(gw, tally)
+    keys: list[str] = []
+
+    async def before_kill() -> None:
+        await chk.processes(set())
+        c = await Tracked.open(gw.url)
+        _, key = await _session_with_history(c, tally, "planted journal")
+        keys.append(key)
+        chk.wire([c])
+        chk.store([c])
+
+    run(before_kill())
+    t0 = time.monotonic()
+    gw.proc.send_signal(signal.SIGKILL)
+    gw.proc.wait(5)
+    run(chk.all_gone(2.0, since=t0))
+    bystander = subprocess.Popen(["sleep", "300"], start_new_session=True, stdin=subprocess.DEVNULL)
+    victim = gw.data_dir.parent / "victim.txt"
+    victim.write_text("precious\n")
+    try:
+        p = psutil.Process(bystander.pid)
+        rows = [{"pid": p.pid, "create_time": p.create_time(), "pgid": p.pid, "kind": "session", "session": "x"},
+                {"pid": p.pid, "create_time": p.create_time(), "pgid": p.pid, "kind": "zygote"}]
+        (gw.data_dir / "workers.json").write_text(json.dumps(rows))
+        (gw.data_dir / "workers.json.tmp").symlink_to(victim)
+        tally.faults += 2
+        gw = rig.start(*FLAGS, name="planted")
+        chk.gw = gw
+
+        async def after_restart() -> None:
+            await chk.processes(set())
+            await chk.fresh_client()
+            c = await Tracked.open(gw.url)
+            sid = await _resume_has(c, keys[0], ["planted journal"], tally)
+            await c.call("session.close", {"session_id": sid})
+            c.attached.clear()
+            await chk.finish([c])
+
+        run(after_restart(), timeout=60)
+        tally.ok(bystander.poll() is None, "the process named by the planted journal was killed")
+        tally.ok(victim.read_text() == "precious\n", "the workers.json.tmp link was followed")
+        tally.cycles += 1
+    finally:
+        bystander.kill()
+        bystander.wait(5)
+
+
 # -- a worker's slash subprocess (hermes runtime) -------------------------------------------
 def _slash_children(chk: Checker, pid: int) -> list[int]:
     return [p for p, owner in chk.census().children.items() if owner == pid]
