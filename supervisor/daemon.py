@@ -127,7 +127,8 @@ class Daemon:
     def _banner(self, url: str) -> None:
         print(f"hermes-gateway {__version__} listening on {url.split('?')[0]}\n"
               f"  token file:  {self.paths.token_file}\n"
-              f"  Hermes TUI:  HERMES_TUI_GATEWAY_URL='{url}' hermes\n"
+              f"  Hermes TUI:  hermes-gateway tui --runtime-dir {self.paths.root}  (make tui in the source tree)\n"
+              f"  clients:     HERMES_TUI_GATEWAY_URL='{url}'\n"
               f"  workers:     hermes-ps --runtime-dir {self.paths.root}", flush=True)
 
 
