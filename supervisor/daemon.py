@@ -17,6 +17,7 @@ from supervisor.broker.broker import Broker
 from supervisor.config import Config
 from supervisor.clients.front import Front, url_for
 from supervisor.clients.gateway import Gateway
+from supervisor.ops.hangup import sighup_handler
 from supervisor.ops.journal import Journal, kill_leftovers
 from supervisor.paths import LockHeld, RuntimePaths
 
@@ -38,6 +39,7 @@ class Daemon:
         self.on_reload: list[Callable[[dict], None]] = []
         self.on_reloading: list[Callable[[], None]] = []  # SIGHUP received, before the file is read
         self.on_stopped: list[Callable[[], Awaitable[None] | None]] = []  # workers finalized, about to exit
+        self.on_sighup = sighup_handler(self)  # reload as a service, stop in a terminal (supervisor/ops/hangup.py)
 
     async def run(self) -> int:
         self.paths.ensure()
@@ -58,7 +60,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self.on_sighup)
         await self.broker.start()
         await self.front.start()
         if not await self.broker.lobby_ready():
