@@ -59,10 +59,16 @@ tui: tui-node $(HSTAMP)
 	$(VENV)/bin/hermes-gateway tui $(TUI_ARGS)
 
 # issue 8: A = Hermes' own gateway, B = --runtime hermes, C = builtin + openai agent, same workload, ~10 min;
-# needs only the `hermes` extra; writes bench/compare_hermes.json and its section of docs/performance.md
+# needs the `hermes` extra; writes bench/compare_hermes.json and its section of docs/performance.md, plots included
+
+# with the `bench` extra (matplotlib) for its plots, docs/compare-*.png
+BSTAMP := $(VENV)/.installed-bench
+$(BSTAMP): $(STAMP) pyproject.toml
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	touch $(BSTAMP)
 
 .PHONY: bench-compare
-bench-compare: $(HSTAMP)
+bench-compare: $(HSTAMP) $(BSTAMP)
 	$(PY) bench/compare_hermes.py --json bench/compare_hermes.json > /dev/null
 
 clean:
