@@ -22,7 +22,7 @@ import pytest
 
 from supervisor.commands.tui import node_version_ok
 from tests.conftest import BIN, wait_for
-from tests.test_tui import _skip_reason, ps_sessions
+from tests.test_tui import _entry_js, _skip_reason, ps_sessions
 from tests.tmux_pane import Terminals
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ def test_node_version_rule():
 
 
 def test_no_gateway_running_exits_3(tmp_dirs):
-    if shutil.which("node") is None or _skip_reason() and "hermes-agent" in (_skip_reason() or ""):
+    if shutil.which("node") is None or _entry_js() is None:
         pytest.skip("needs node and hermes-agent: they are checked before the gateway")
     out = tui_cli("--runtime-dir", str(tmp_dirs / "nothing-here"))
     assert out.returncode == 3, out
