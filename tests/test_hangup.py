@@ -35,7 +35,7 @@ def test_the_rule():
 class PtyGateway:
     """`hermes-gateway run` with a pty as its controlling terminal and stdio, the output read off the master."""
 
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, nohup: bool = False) -> None:
         self.master, slave = os.openpty()
         self.out = bytearray()
         self.closing = threading.Event()
@@ -45,7 +45,7 @@ class PtyGateway:
         args = [gateway_binary(), "run", "--port", "0", "--runtime-dir", str(self.runtime_dir),
                 "--data-dir", str(data_dir)]
         self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=full,
-                                     start_new_session=True, preexec_fn=_take_terminal)
+                                     start_new_session=True, preexec_fn=_nohup if nohup else _take_terminal)
         os.close(slave)
         self.gw = Gateway(proc=self.proc, runtime_dir=self.runtime_dir, data_dir=data_dir, args=args)
         _LIVE.append(self.gw)
@@ -88,6 +88,11 @@ class PtyGateway:
 
 def _take_terminal() -> None:  # in the child, after setsid: stdin (the pty slave) becomes the controlling terminal
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _nohup() -> None:  # what `nohup` does before it execs the command
+    _take_terminal()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def test_closing_the_terminal_stops_a_foreground_gateway(tmp_dirs):
@@ -140,3 +145,17 @@ def test_no_terminal_reloads_on_sighup(gateway_factory):
     time.sleep(1.0)
     assert gw.proc.poll() is None
     assert len(gw.workers()) >= 1
+
+
+def test_nohup_outlives_its_terminal(tmp_dirs):
+    """`nohup hermes-gateway run &` asked to survive the hangup: it reloads, and serves on without a terminal."""
+    pg = PtyGateway(tmp_dirs, nohup=True)
+    try:
+        pg.close_terminal()
+        time.sleep(2.0)
+        assert pg.proc.poll() is None, "a nohup'ed gateway ended with its terminal"
+        out = subprocess.run([str(Path(gateway_binary()).parent / "hermes-ps"), "--json", "--runtime-dir",
+                              str(pg.runtime_dir)], capture_output=True, text=True, timeout=20)
+        assert out.returncode == 0, out.stderr  # still answering, with its log going to a hung-up terminal
+    finally:
+        pg.stop()
