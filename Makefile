@@ -5,13 +5,20 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 TSTAMP  := $(VENV)/.installed-test
 
-.PHONY: run test tmux chaos bench clean
+.PHONY: run test tmux chaos bench clean tui
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# the hermes extra (hermes-agent 0.19.0: the `hermes` runtime and the Node TUI bundled in its wheel), on first use
+HSTAMP := $(VENV)/.installed-hermes
+$(HSTAMP): $(STAMP) pyproject.toml
+	$(PY) -c 'import importlib.metadata as m; assert m.version("hermes-agent") == "0.19.0"' 2>/dev/null || \
+	  $(PY) -m pip install -q -e '.[hermes]'
+	touch $(HSTAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/hermes-gateway run
@@ -39,16 +46,29 @@ chaos: $(TSTAMP)
 bench: $(STAMP)
 	$(PY) bench/latency.py
 
+# the real Hermes TUI (a Node program bundled in the hermes-agent wheel) against the gateway `make run` started;
+# the first use installs the hermes extra. TUI_ARGS go to `hermes-gateway tui` (e.g. TUI_ARGS='--resume KEY')
+# (node is checked first, so a machine without it installs nothing)
+TUI_ARGS ?=
+.PHONY: tui-node
+tui-node:
+	@command -v node >/dev/null 2>&1 || { echo "make tui: node is required (the Hermes TUI is a Node program, Node >= 20.19):" \
+	  "install Node.js (apt-get install nodejs, brew install node) and run make tui again" >&2; exit 1; }
+
+tui: tui-node $(HSTAMP)
+	$(VENV)/bin/hermes-gateway tui $(TUI_ARGS)
+
 # issue 8: A = Hermes' own gateway, B = --runtime hermes, C = builtin + openai agent, same workload, ~10 min;
-# needs only the `hermes` extra; writes bench/compare_hermes.json and its section of docs/performance.md
-HSTAMP := $(VENV)/.installed-hermes
-$(HSTAMP): $(STAMP) pyproject.toml
-	$(PY) -c 'import importlib.metadata as m; assert m.version("hermes-agent") == "0.19.0"' 2>/dev/null || \
-	  $(PY) -m pip install -q -e '.[hermes]'
-	touch $(HSTAMP)
+# needs the `hermes` extra; writes bench/compare_hermes.json and its section of docs/performance.md, plots included
+
+# with the `bench` extra (matplotlib) for its plots, docs/compare-*.png
+BSTAMP := $(VENV)/.installed-bench
+$(BSTAMP): $(STAMP) pyproject.toml
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	touch $(BSTAMP)
 
 .PHONY: bench-compare
-bench-compare: $(HSTAMP)
+bench-compare: $(HSTAMP) $(BSTAMP)
 	$(PY) bench/compare_hermes.py --json bench/compare_hermes.json > /dev/null
 
 clean:

@@ -23,7 +23,8 @@ Usage: .venv/bin/python bench/compare_hermes.py [--cycles 200 --sample-every 20 
        --concurrency 10] [--only A,B,C] [--grace 5] [--delay 0.01] [--json FILE] [--no-doc]
        [--from-json FILE [--add-to-history]]
 Progress goes to stderr, the JSON document to stdout (and --json FILE); the Markdown table replaces this
-script's section of docs/performance.md unless --no-doc, and a full-size run adds a line to
+script's section of docs/performance.md unless --no-doc, with two plots above it (bench/plots.py:
+docs/compare-soak.png, docs/compare-memory.png; --from-json redraws them), and a full-size run adds a line to
 bench/compare_hermes_runs.jsonl (the doc shows the last runs' ratios: one run on a shared machine is
 noisy). Every process started is killed at the end, even
 on an error or Ctrl-C (own process groups, every descendant ever seen, a finally).
@@ -55,6 +56,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import plots  # noqa: E402
 from tests.client import Client  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -829,12 +831,23 @@ def markdown(doc: dict) -> str:
         "B starts it at a session's first slash.exec (docs/hermes.md), which only the latency runs send. "
         "Raw figures: bench/compare_hermes.json.",
         "",
+        plots.markdown(),
+        "",
         tbl,
         "",
         closing_note(doc, lost),
         *(["", hist] if (hist := history_table()) else []),
         END,
     ])
+
+
+def write_plots(doc: dict) -> None:
+    try:
+        for path in plots.write(doc):
+            note(f"wrote {path.relative_to(ROOT)}")
+    except ImportError:
+        note("no plots: matplotlib is not installed (the `bench` extra: make bench-compare installs it, or "
+             f"{sys.executable} -m pip install matplotlib)")
 
 
 def write_doc(text: str) -> None:
@@ -869,7 +882,9 @@ def main() -> int:
         saved = json.loads(Path(args.from_json).read_text())
         if args.add_to_history:
             record(saved)
-        write_doc(markdown(saved))
+        if not args.no_doc:
+            write_doc(markdown(saved))
+            write_plots(saved)
         return 0
     args.concurrency = min(args.concurrency, args.sessions)
 
@@ -923,6 +938,7 @@ def main() -> int:
         record(doc)
         write_doc(markdown(doc))
         note(f"wrote {DOC.relative_to(ROOT)}")
+        write_plots(doc)
     note(f"done in {doc['wall_s']} s")
     return 0
 

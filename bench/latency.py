@@ -9,7 +9,8 @@ Everything is measured on the client side of a real WebSocket, against the insta
   * events/s delivered to one client from one session and from 10 sessions (5,000-word echo prompts);
   * session.resume of a stored session of 1,000 and 20,000 messages (rows written with the Store).
 
-Usage: .venv/bin/python bench/latency.py [--quick]   (progress on stderr, JSON on stdout)
+Usage: .venv/bin/python bench/latency.py [--quick]   (progress on stderr, JSON on stdout, then one line per
+figure on stderr)
 """
 
 from __future__ import annotations
@@ -391,6 +392,38 @@ async def main_async(quick: bool) -> dict:
     return result
 
 
+def human_lines(result: dict) -> list[str]:
+    """One short line per figure, for a person at the terminal (the JSON on stdout is for tools)."""
+    t, met = result["targets"], result["targets_met"]
+
+    def mark(key: str) -> str:
+        return "met" if met[key] else "MISSED"
+
+    sc, ev = result["session_create"], result["events"]
+    w, c, pop = sc["warm_pool"], sc["empty_pool_cold_fork"], sc["popen_real_worker"]
+    pr, per, it = result["prompt_round_trip"], result["persistence"], result["interrupt"]["send_to_complete"]
+    return [
+        f"session.create, warm worker:   p50 {w['p50_ms']:.1f} ms, p99 {w['p99_ms']:.1f} ms "
+        f"(target p50 ≤ {t['create_warm_p50_ms']:g} ms: {mark('create_warm_p50_ms')})",
+        f"session.create, cold fork:     p50 {c['p50_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms "
+        f"(target p50 ≤ {t['create_cold_p50_ms']:g} ms: {mark('create_cold_p50_ms')})",
+        f"Popen of a worker (baseline):  p50 {pop['p50_ms']:.0f} ms, so create is "
+        f"{sc['speedup_p50_vs_popen_real']['warm']:g}× faster warm, {sc['speedup_p50_vs_popen_real']['cold']:g}× cold",
+        f"prompt round trip:             p50 {pr['p50_ms']:.2f} ms, p99 {pr['p99_ms']:.2f} ms "
+        f"(target p50 ≤ {t['prompt_p50_ms']:g} ms: {mark('prompt_p50_ms')})",
+        f"persistence overhead:          p50 {per['overhead_p50_ms']:.3f} ms per prompt "
+        f"(target ≤ {t['persistence_overhead_p50_ms']:g} ms: {mark('persistence_overhead_p50_ms')})",
+        f"interrupt to complete:         p50 {it['p50_ms']:.1f} ms, p99 {it['p99_ms']:.1f} ms "
+        f"(target p99 ≤ {t['interrupt_p99_ms']:g} ms: {mark('interrupt_p99_ms')})",
+        f"events to one client:          {ev['one_session']['events_per_s_median']:,}/s from 1 session, "
+        f"{ev['ten_sessions']['events_per_s_median']:,}/s from 10 (target ≥ {t['events_per_s']:,}/s: "
+        f"{mark('events_per_s')})",
+        f"session.resume:                1,000 messages p50 {result['resume']['1k']['p50_ms']:.0f} ms, "
+        f"20,000 p50 {result['resume']['20k']['p50_ms']:.0f} ms (target ≤ {t['resume_20k_ms']:g} ms: "
+        f"{mark('resume_20k_ms')})",
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
@@ -398,7 +431,8 @@ def main() -> int:
     t0 = time.monotonic()
     result = asyncio.run(main_async(args.quick))
     result["bench_seconds"] = round(time.monotonic() - t0, 1)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2), flush=True)
+    note("\n".join(["", *human_lines(result), f"({result['bench_seconds']:g} s; the JSON above has every figure)"]))
     return 0
 
 

@@ -23,6 +23,7 @@ from supervisor.clients.front import Front, url_for
 from supervisor.clients.gateway import Gateway
 from supervisor.config import Config
 from supervisor.hooks import Hooks
+from supervisor.ops.hangup import sighup_handler
 from supervisor.ops.journal import Journal, kill_leftovers
 from supervisor.ops.port import Snapshot
 from supervisor.ops.wiring import Ops
@@ -50,6 +51,7 @@ class Daemon:
         self.on_reload = Hooks[[dict]]("on_reload")
         self.on_stopping = Hooks[[]]("on_stopping")
         self.on_stopped = Hooks[[]]("on_stopped")  # workers finalized, about to exit
+        self.on_sighup = sighup_handler(self.reload, self.stopping.set)  # reload as a service, stop in a terminal (supervisor/ops/hangup.py)
 
     # -- serve ------------------------------------------------------------------
     async def run(self) -> int:
@@ -63,7 +65,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self.on_sighup)
         await self.broker.start()
         await self.front.start()
         if not await self.broker.lobby_ready():
@@ -139,7 +141,8 @@ class Daemon:
     def _banner(self, url: str) -> None:
         print(f"hermes-gateway {__version__} listening on {url.split('?')[0]}\n"
               f"  token file:  {self.paths.token_file}\n"
-              f"  Hermes TUI:  HERMES_TUI_GATEWAY_URL='{url}' hermes\n"
+              f"  Hermes TUI:  hermes-gateway tui --runtime-dir {self.paths.root}  (make tui in the source tree)\n"
+              f"  clients:     HERMES_TUI_GATEWAY_URL='{url}'\n"
               f"  workers:     hermes-ps --runtime-dir {self.paths.root}", flush=True)
 
     # -- what operations see (ops.port.Supervised) --------------------------------

@@ -56,6 +56,7 @@ class Zygote:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is the broker's business
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # and so is a closed terminal (supervisor/ops/hangup.py)
 
     def _on_term(self, *_) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -130,6 +131,7 @@ class Zygote:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGHUP, signal.SIG_DFL)
                 self.sock.close()
                 os.close(self.wake_r)
                 os.close(self.wake_w)

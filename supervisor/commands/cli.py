@@ -1,4 +1,4 @@
-"""`hermes-gateway`: run the daemon, or write a service file for it."""
+"""`hermes-gateway`: run the daemon, write a service file for it, or open the Hermes TUI against it."""
 
 from __future__ import annotations
 
@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     svc.add_argument("--memory-max", default=None, metavar="BYTES", help="systemd: MemoryMax=, e.g. 8G (default infinity)")
     svc.add_argument("--print", dest="print_only", action="store_true", help="print instead of writing")
     svc.add_argument("--config", default=None, help="config file the service runs with")
+    tui = sub.add_parser("tui", help="open the Hermes TUI (bundled in hermes-agent) against the running gateway",
+                         epilog="exit status: the TUI's, or 1 node/TUI missing, 2 usage, 3 no gateway running")
+    from supervisor.commands import tui as tui_mod
+
+    tui_mod.add_arguments(tui)
     return parser
 
 
@@ -59,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         from supervisor.commands import service
 
         return service.main(args)
+    if args.command == "tui":
+        from supervisor.commands import tui as tui_mod
+
+        return tui_mod.main(args)
     return 2
 
 
