@@ -108,7 +108,7 @@ class Daemon:
         if self._successor:
             await self.on_stopped.run_async()  # operations close; the workers are the successor's
             log.info("gateway handed over; exiting", successor=self._successor)
-            return 0
+            return 0 if self._successor > 0 else 1
         await self.shutdown()
         return 0
 
@@ -124,9 +124,14 @@ class Daemon:
         try:
             self.on_restarting.run()
             outcome = await predecessor.hand_over(self.broker, self.front, self._lock_fd, self.successor_env())
-        except HandoverError:
-            self._restarting = False
-            self.on_restart_failed.run()
+        except HandoverError as exc:
+            if exc.past_cut:  # nothing left to serve with: exit, the workers end with the zygote
+                self._successor = -1
+                self.paths.remove_live_files()
+                asyncio.get_running_loop().call_soon(self.stopping.set)
+            else:
+                self._restarting = False
+                self.on_restart_failed.run()
             raise
         self._successor = outcome.pid
         self.on_handed_over.run(outcome.pid)
@@ -275,6 +280,9 @@ def run(cfg: Config) -> int:
     daemon.successor_env = ops.successor_env
     try:
         return asyncio.run(daemon.run())
+    except HandoverError as exc:  # a restart's successor whose predecessor gave up before `go`
+        print(f"hermes-gateway: restart abandoned: {exc}", file=sys.stderr)
+        return 1
     except LockHeld as exc:
         print(f"hermes-gateway: {exc}; not starting a second daemon on {cfg.runtime_dir}", file=sys.stderr)
         return 1

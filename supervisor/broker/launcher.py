@@ -145,8 +145,7 @@ class ZygoteLauncher:
         self.signal(pid, signals.SIGKILL)
 
     def _readable(self) -> None:
-        assert self.sock is not None
-        while True:
+        while self.sock is not None:  # a report handled below may close us (the last adopted worker gone)
             try:
                 data = self.sock.recv(65536)
             except BlockingIOError:
@@ -199,8 +198,11 @@ class ZygoteLauncher:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        elif self._adopted_pid:
-            _wait_gone(self._adopted_pid)
+        elif self._adopted_pid:  # not our child: nothing to wait for (init reaps it); its workers are gone
+            try:
+                os.kill(self._adopted_pid, signals.SIGTERM)  # it may still have the predecessor's copy of the socket
+            except ProcessLookupError:
+                pass
 
 
 def create_time(pid: int) -> float:

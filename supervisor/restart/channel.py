@@ -12,7 +12,14 @@ ENV = "HERMES_GATEWAY_TAKEOVER"  # set for the successor: JSON of the descriptor
 
 
 class HandoverError(RuntimeError):
-    """A restart that could not be done; the message is what `hermes-gateway restart` prints."""
+    """A restart that could not be done; the message is what `hermes-gateway restart` prints.
+
+    past_cut: it failed after this broker began handing over (the successor died in the middle): there is
+    no way back, this broker exits and its workers end with the zygote, as after a SIGKILL."""
+
+    def __init__(self, message: str, past_cut: bool = False) -> None:
+        super().__init__(message)
+        self.past_cut = past_cut
 
 
 class Channel:

@@ -40,7 +40,7 @@ SERVING_TIMEOUT = 15.0  # s the successor has to serve after `go`
 
 
 @dataclass
-class Outcome:
+class Outcome:  # noqa: D101 (fields say it)
     pid: int  # the successor's
     cut: float  # s from the cut (stop accepting) to `go`
     took: float  # s from the request to the successor serving
@@ -84,23 +84,25 @@ async def hand_over(broker: Broker, front: Front, lock_fd: int, notify_env: dict
         raise HandoverError(f"the new gateway did not start (status {proc.returncode}): {why}") from None
     log.info("restart: successor ready; handing over", successor=proc.pid, workers=len(broker.workers))
 
-    # -- the cut -------------------------------------------------------------------------------------
+    # -- the cut: from here on there is no way back -----------------------------------------------------
     cut = time.monotonic()
-    await front.stop_accepting()
-    broker.stop_reaper()
-    not_held = await _hold_workers(broker)
-    for sid, first_unsent in (await front.hand_over_clients()).items():
-        broker.sessions.rewind(sid, first_unsent)
-    await zygote.hand_over()
-    tables = state.dump(broker, time.monotonic())
-    broker.link.close()
-    await chan.send(op="go", state=tables, token=front.token)
-    go = time.monotonic()
     try:
+        await front.stop_accepting()
+        broker.stop_reaper()
+        not_held = await _hold_workers(broker)
+        for sid, first_unsent in (await front.hand_over_clients()).items():
+            broker.sessions.rewind(sid, first_unsent)
+        await zygote.hand_over()
+        tables = state.dump(broker, time.monotonic())
+        broker.link.close()
+        await chan.send(op="go", state=tables, token=front.token)
+        go = time.monotonic()
         serving = await chan.recv(SERVING_TIMEOUT)
-    except HandoverError as exc:
-        log.error("restart: the successor did not confirm it serves", error=str(exc))
-        serving = {}
+    except Exception as exc:
+        relay.cancel()
+        why = str(exc) or type(exc).__name__
+        raise HandoverError(f"the new gateway (pid {proc.pid}) failed during the hand-over: {why}; it and the "
+                            "sessions are gone, start the gateway again", past_cut=True) from None
     relay.cancel()
     log.info("restart: handed over", successor=proc.pid, cut=round(go - cut, 3), workers=len(tables["workers"]),
              sessions=len(tables["sessions"]), not_held=",".join(map(str, not_held)) or "-")

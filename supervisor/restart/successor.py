@@ -71,6 +71,8 @@ class Takeover:
                     waiting.discard(w)
             if waiting:
                 await asyncio.sleep(0.01)
+        log.info("restart: workers released", released=len(adopted) - len(waiting),
+                 took=round(RELEASE_TIMEOUT - (deadline - time.monotonic()), 3))
         if waiting:
             log.warning("restart: workers did not reconnect in time; their heartbeats decide",
                         pids=",".join(str(w.pid) for w in waiting))
