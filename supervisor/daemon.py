@@ -89,6 +89,7 @@ class Daemon:
         else:
             await takeover.adopt(self.broker, tables)
             await self.front.start(sock=takeover.listen[0])
+            await takeover.serving()  # the predecessor may go: port, link and tables are ours
         if not await self.broker.lobby_ready():
             log.error("lobby worker did not register; global methods will fail until it does")
         url = url_for(self.cfg.host, self.front.port, self.token)
@@ -101,7 +102,6 @@ class Daemon:
                  agent=self.cfg.agent, token_file=self.paths.token_file)
         self._banner(url)
         if takeover is not None:
-            await takeover.serving()
             self.on_took_over.run()
         await self.on_ready.run_async()
         await self.stopping.wait()

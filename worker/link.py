@@ -30,6 +30,7 @@ class Link:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, frames.MAX_FRAME)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 10)  # a restart's successor binds the link: back within ~10 ms
         self.sock.connect(endpoint)
         self.interval = heartbeat_interval
         self._outbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()

@@ -65,7 +65,7 @@ class Broker:
         self.pool = Pool(cfg, paths.broker_endpoint, self.workers, self.launcher, self.link, self.sessions,
                          self.ladder, lambda: self.accepting)
         self.end_notes = EndNotes(self.link, lambda: self.pool.lobby)
-        self.legacy: Launcher | None = None  # a predecessor's zygote after a restart, until its workers are gone
+        self.legacy: dict[int, Launcher] = {}  # predecessors' zygotes after restarts, until their workers are gone
         self.on_held: Callable[[Worker], None] = lambda w: None  # a worker answered a restart's `hold`
         self._reaper: asyncio.Task | None = None
         self._trim_at = 0.0  # when to hand freed memory back to the OS, after workers went
@@ -97,11 +97,15 @@ class Broker:
             self._reaper = None
 
     def adopt_launcher(self, fd: int, pid: int) -> None:
-        """A restart: the predecessor's zygote, kept for the exits of the workers it forked (new ones come
+        """A restart: a predecessor's zygote, kept for the exits of the workers it forked (new ones come
         from our own, running the code now on disk); closed when the last of them is gone."""
-        self.legacy = ZygoteLauncher.adopt(LaunchEvents(self._on_launched, self._on_failed, self._on_exited,
-                                                        self._on_legacy_lost), fd, pid)
+        self.legacy[pid] = ZygoteLauncher.adopt(LaunchEvents(
+            self._on_launched, self._on_failed, self._on_exited, lambda: self._on_legacy_lost(pid)), fd, pid)
         self.journal.add(JournalEntry(pid, create_time(pid), os.getpgid(pid) if _alive(pid) else pid, "zygote"))
+
+    def launchers(self) -> list[Launcher]:
+        """Every zygote whose workers live: ours, then the predecessors' (a restart hands them all over)."""
+        return [self.launcher, *self.legacy.values()]
 
     def _start_launcher(self, worker_config: dict | None = None) -> None:
         self.launcher.start(worker_config)
@@ -143,8 +147,9 @@ class Broker:
         if stops:
             await asyncio.gather(*stops, return_exceptions=True)
         self.launcher.close()
-        if self.legacy is not None:
-            self.legacy.close()
+        for legacy in list(self.legacy.values()):
+            legacy.close()
+        self.legacy.clear()
         self.journal.clear()
         self.link.close()
         if self._own_ctx:
@@ -252,25 +257,24 @@ class Broker:
             self._trim_at = time.monotonic() + 1.0
         if w is self.pool.lobby and not self.closing:
             self.pool.restart_lobby(w)
-        if w.adopted and self.legacy is not None and not any(x.adopted for x in self.workers.values()):
-            self._close_legacy()
+        if w.zygote in self.legacy and not any(x.zygote == w.zygote for x in self.workers.values()):
+            self._close_legacy(w.zygote)
         self.pool.refill()
         self.on_change()
 
-    def _close_legacy(self) -> None:
-        legacy, self.legacy = self.legacy, None
+    def _close_legacy(self, pid: int) -> None:
+        legacy = self.legacy.pop(pid, None)
         if legacy is not None:
-            log.info("the predecessor's zygote has no workers left; closing it", pid=legacy.pid)
-            self.journal.remove(legacy.pid)
+            log.info("a predecessor's zygote has no workers left; closing it", pid=pid)
+            self.journal.remove(pid)
             legacy.close()
 
-    def _on_legacy_lost(self) -> None:
-        """The predecessor's zygote died: the workers it forked died with it."""
-        legacy, self.legacy = self.legacy, None
-        if legacy is not None:
-            self.journal.remove(legacy.pid)
+    def _on_legacy_lost(self, pid: int) -> None:
+        """A predecessor's zygote died: the workers it forked died with it."""
+        if self.legacy.pop(pid, None) is not None:
+            self.journal.remove(pid)
         for w in self.workers.values():
-            if w.adopted:
+            if w.zygote == pid:
                 self.launcher.kill(w.pid)
                 self._worker_gone(w, None)
 
@@ -278,8 +282,8 @@ class Broker:
         """The launcher died: its workers die with it (PDEATHSIG); account for them and start over."""
         self.journal.remove(self.launcher.pid)  # the dead launcher's row (a new one is added on restart)
         for w in self.workers.values():
-            if w.adopted:
-                continue  # the predecessor's zygote's, alive
+            if w.zygote in self.legacy:
+                continue  # a predecessor's zygote's, alive
             self.launcher.kill(w.pid)
             self._worker_gone(w, None)
         if not self.closing:

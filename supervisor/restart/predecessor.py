@@ -54,13 +54,13 @@ async def hand_over(broker: Broker, front: Front, lock_fd: int, notify_env: dict
     t0 = time.monotonic()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     listening = front.listening()
-    zygote = broker.launcher
-    if zygote.sock is None or not listening:
+    zygotes = [z for z in broker.launchers() if z.sock is not None]
+    if broker.launcher.sock is None or not listening:
         raise HandoverError("nothing to hand over: the fork server or the listening socket is not up")
     err = os.dup(2)
     inherit = {"handover": theirs.fileno(), "lock": lock_fd, "listen": [s.fileno() for s in listening],
-               "zygote": zygote.sock.fileno(), "zygote_pid": zygote.pid, "stderr": err}
-    fds = [theirs.fileno(), lock_fd, zygote.sock.fileno(), err, *inherit["listen"]]
+               "zygotes": [[z.sock.fileno(), z.pid] for z in zygotes], "stderr": err}
+    fds = [theirs.fileno(), lock_fd, err, *inherit["listen"], *(z.sock.fileno() for z in zygotes)]
     env = {**os.environ, **notify_env, ENV: json.dumps(inherit)}
     try:
         proc = subprocess.Popen([sys.executable, "-m", "supervisor.commands.cli", *sys.argv[1:]], pass_fds=fds,
@@ -92,7 +92,8 @@ async def hand_over(broker: Broker, front: Front, lock_fd: int, notify_env: dict
         not_held = await _hold_workers(broker)
         for sid, first_unsent in (await front.hand_over_clients()).items():
             broker.sessions.rewind(sid, first_unsent)
-        await zygote.hand_over()
+        for z in zygotes:  # ours, and those a restart before this one handed to us
+            await z.hand_over()
         tables = state.dump(broker, time.monotonic())
         broker.link.close()
         await chan.send(op="go", state=tables, token=front.token)

@@ -28,7 +28,7 @@ def dump(b: Broker, now: float) -> dict[str, Any]:
         workers.append({
             "ident": w.ident, "kind": w.kind, "pid": w.pid, "create_time": w.create_time, "state": w.state,
             "ready": w.ready, "stopping": stopping, "age": now - w.spawned_at, "seq": w.seq,
-            "meta": dict(w.meta), "caps": sorted(w.caps),
+            "meta": dict(w.meta), "caps": sorted(w.caps), "zygote": w.zygote or b.launcher.pid,
         })
     sessions = []
     for s in b.sessions.sessions.values():
@@ -57,7 +57,7 @@ def load(b: Broker, state: dict[str, Any], now: float) -> list[tuple[Worker, str
                    caps=frozenset(row["caps"]), hello=loop.create_future(), exited=loop.create_future())
         if ready:
             w.hello.set_result(True)
-        w.adopted = True  # its exit is reported by the predecessor's zygote
+        w.zygote = int(row["zygote"])  # a predecessor's: it reports this worker's exit
         b.workers.add(w)
         b.workers.launched(w, int(row["pid"]), float(row["create_time"]))
         by_ident[w.ident] = w

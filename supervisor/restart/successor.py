@@ -30,8 +30,7 @@ class Takeover:
     channel: Channel
     lock_fd: int
     listen: list[socket.socket]
-    zygote_fd: int
-    zygote_pid: int
+    zygotes: list[tuple[int, int]]  # (socket fd, pid) of every zygote whose workers we take over
     stderr_fd: int
 
     @classmethod
@@ -42,10 +41,11 @@ class Takeover:
             return None
         info = json.loads(raw)
         listen = [socket.socket(fileno=fd) for fd in info["listen"]]
-        for fd in (info["lock"], info["zygote"], info["stderr"]):
+        zygotes = [(int(fd), int(pid)) for fd, pid in info["zygotes"]]
+        for fd in (info["lock"], info["stderr"], *(fd for fd, _ in zygotes)):
             os.set_inheritable(fd, False)
-        return cls(Channel(socket.socket(fileno=info["handover"])), int(info["lock"]), listen,
-                   int(info["zygote"]), int(info["zygote_pid"]), int(info["stderr"]))
+        return cls(Channel(socket.socket(fileno=info["handover"])), int(info["lock"]), listen, zygotes,
+                   int(info["stderr"]))
 
     async def ready(self) -> dict[str, Any]:
         """Say we can take over; the predecessor's `go` with its tables (HandoverError if it never comes)."""
@@ -60,7 +60,8 @@ class Takeover:
         release them; its lobby and spares are replaced by ours."""
         broker.link.start()
         broker._start_launcher(broker.cfg.worker_config())
-        broker.adopt_launcher(self.zygote_fd, self.zygote_pid)
+        for fd, pid in self.zygotes:
+            broker.adopt_launcher(fd, pid)
         adopted = state.load(broker, tables, time.monotonic())
         waiting = {w for w, _ in adopted}
         deadline = time.monotonic() + RELEASE_TIMEOUT
@@ -81,7 +82,7 @@ class Takeover:
                 broker.begin_stop(w, reason)
         broker.start_workers()
         log.info("restart: took over", workers=len(adopted), sessions=len(broker.sessions.sessions),
-                 predecessor_zygote=self.zygote_pid)
+                 zygotes=",".join(str(pid) for _, pid in self.zygotes))
 
     async def serving(self) -> None:
         """Tell the predecessor we serve; from now on our stderr is the service's, not its relay pipe."""
