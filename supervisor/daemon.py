@@ -86,24 +86,17 @@ class Daemon:
         if takeover is None:
             await self.broker.start()
             await self.front.start()
-        else:
+            if not await self.broker.lobby_ready():
+                log.error("lobby worker did not register; global methods will fail until it does")
+            self._announce()
+        else:  # serve at once: the clients cut off by the hand-over are reconnecting now
             await takeover.adopt(self.broker, tables)
             await self.front.start(sock=takeover.listen[0])
-            await takeover.serving()  # the predecessor may go: port, link and tables are ours
-        if not await self.broker.lobby_ready():
-            log.error("lobby worker did not register; global methods will fail until it does")
-        url = url_for(self.cfg.host, self.front.port, self.token)
-        self.paths.write_info({
-            "pid": os.getpid(), "host": self.cfg.host, "port": self.front.port, "url": url,
-            "token_file": self.paths.token_file, "started_at": self.started_at, "version": __version__,
-            "runtime_dir": self.paths.root, "data_dir": self.cfg.data_dir,
-        })
-        log.info("gateway listening", url=url.split("?")[0], pid=os.getpid(), runtime=self.cfg.runtime,
-                 agent=self.cfg.agent, token_file=self.paths.token_file)
-        self._banner(url)
-        if takeover is not None:
+            self._announce()
             self.on_took_over.run()
         await self.on_ready.run_async()
+        if takeover is not None:
+            await takeover.serving()  # the predecessor may go: port, link, control socket and tables are ours
         await self.stopping.wait()
         if self._successor:
             await self.on_stopped.run_async()  # operations close; the workers are the successor's
@@ -156,6 +149,17 @@ class Daemon:
                 # the lobby records why, unless the row was ended already
                 self.broker.note_end(entry.session, "gateway_lost")
         self.journal.clear()
+
+    def _announce(self) -> None:
+        url = url_for(self.cfg.host, self.front.port, self.token)
+        self.paths.write_info({
+            "pid": os.getpid(), "host": self.cfg.host, "port": self.front.port, "url": url,
+            "token_file": self.paths.token_file, "started_at": self.started_at, "version": __version__,
+            "runtime_dir": self.paths.root, "data_dir": self.cfg.data_dir,
+        })
+        log.info("gateway listening", url=url.split("?")[0], pid=os.getpid(), runtime=self.cfg.runtime,
+                 agent=self.cfg.agent, token_file=self.paths.token_file)
+        self._banner(url)
 
     async def shutdown(self) -> None:
         """Stop accepting, finalize every worker, close every client, then the operations pieces."""

@@ -142,3 +142,67 @@ def test_a_restart_with_a_broken_config_fails_and_the_gateway_goes_on_serving(ga
         return complete["payload"]["text"]
 
     assert "still here" in run(still())
+
+
+def test_after_a_restart_a_sigkill_of_the_new_broker_still_takes_every_worker(gateways) -> None:
+    gw = gateways("--echo-delay", "0.01")
+
+    async def sessions() -> list[str]:
+        c = await Client.open(gw.url)
+        sids = [await c.create(), await c.create()]
+        for sid in sids:
+            await c.turn(sid, "kept across the restart")
+        await c.close()
+        return sids
+
+    run(sessions())
+    done = restart(gw)
+    assert done.returncode == 0, done.stderr
+    new = psutil.Process(int(done.stdout.split("restarted: pid ")[1].split()[0]))
+    assert info(gw)["pid"] == new.pid  # gateway.json names the new broker once restart returns
+    workers = [p for p in psutil.process_iter() if _title(p).startswith(("hermes-worker", "hermes-zygote"))
+               and _in_group_of(p, gw.pid, new.pid)]
+    assert len([p for p in workers if "session=" in _title(p)]) == 2
+    t0 = time.monotonic()
+    new.kill()
+    try:
+        gone = wait_for(lambda: not [p for p in workers if _alive(p)], 5, what="every worker and fork server gone")
+    except AssertionError:
+        z = [p for p in workers if _alive(p) and _title(p).startswith("hermes-zygote")]
+        holders = ""
+        for p in z:
+            for fd in os.listdir(f"/proc/{p.pid}/fd"):
+                link = os.readlink(f"/proc/{p.pid}/fd/{fd}")
+                if link.startswith("socket:"):
+                    ino = link[8:-1]
+                    holders += subprocess.run(f"ss -xp | grep -w {ino}", shell=True, capture_output=True,
+                                              text=True).stdout
+        raise AssertionError(f"{[(p.pid, _title(p)[:40], p.ppid()) for p in workers if _alive(p)]}\n{holders}"
+                             f"\nold={gw.pid} new={new.pid}") from None
+    took = time.monotonic() - t0
+    assert gone and took <= 2.0, took
+
+
+def _title(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _in_group_of(p: psutil.Process, *pgids: int) -> bool:
+    """A fork server of this gateway (in its process group), or a worker forked by one."""
+    try:
+        if os.getpgid(p.pid) in pgids:
+            return True
+        parent = p.parent()
+        return parent is not None and os.getpgid(parent.pid) in pgids
+    except (OSError, psutil.Error):
+        return False
