@@ -12,12 +12,16 @@ Worker -> broker
                                               packs what queued up while it was sending); the client still
                                               gets one message per event, in order
   bye    {reason}                             the worker is about to exit on its own
+  held   {}                                   answer to `hold`: every frame before this one has been sent
 Broker -> worker
   call   {rid, id, method, params}            a client call (id: the client's JSON-RPC id)
   stop   {reason}                             finalize (flush history) and exit; the worker's finalize budget is
                                               derived from config["stop_timeout"] (see worker/budget.py)
   ended  {key, reason, at?}                   to the lobby: a session's worker died without finalizing
                                               (killed, crashed); record `reason` on the stored row
+  hold   {}                                   a restart is handing the link over: answer `held`, then send
+                                              nothing (heartbeats included) until `release`; queue it all
+  release {}                                  the successor broker has the link: send what was queued, in order
 
 Every frame carries `v` (the version) and `k` (the kind). The broker forwards the
 `json` bytes to clients without decoding them.
@@ -34,6 +38,7 @@ MAX_FRAME = 64 * 1024 * 1024  # bytes; the ROUTER drops peers that send more (ZM
 
 HELLO, HB, RES, EV, BYE, CALL, STOP, ENDED = "hello", "hb", "res", "ev", "bye", "call", "stop", "ended"
 EVS = "evs"
+HOLD, HELD, RELEASE = "hold", "held", "release"  # a restart's handover of the link (supervisor/restart/)
 
 # Required fields and their types, per kind.
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -46,6 +51,9 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     CALL: {"rid": int, "method": str, "params": dict},
     STOP: {"reason": str},
     ENDED: {"key": str, "reason": str},
+    HOLD: {},
+    HELD: {},
+    RELEASE: {},
 }
 
 _packer = msgpack.Packer(use_bin_type=True)

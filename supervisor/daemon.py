@@ -28,6 +28,9 @@ from supervisor.ops.journal import Journal, kill_leftovers
 from supervisor.ops.port import Snapshot
 from supervisor.ops.wiring import Ops
 from supervisor.paths import LockHeld, RuntimePaths
+from supervisor.restart import predecessor
+from supervisor.restart.channel import HandoverError
+from supervisor.restart.successor import Takeover
 
 
 class Daemon:
@@ -45,6 +48,13 @@ class Daemon:
         self._changed = Hooks[[]]("on_change")
         self.broker.on_change = self._changed.run
         self._routes: dict[str, Callable[..., Any]] = {}
+        self._restarting = False
+        self._successor = 0  # pid of the broker we handed over to
+        self.successor_env: Callable[[], dict[str, str]] = dict  # what a successor needs of our environment
+        self.on_restarting = Hooks[[]]("on_restarting")
+        self.on_restart_failed = Hooks[[]]("on_restart_failed")
+        self.on_handed_over = Hooks[[int]]("on_handed_over")
+        self.on_took_over = Hooks[[]]("on_took_over")  # we are a restart's successor, serving
         # the lifecycle's extension points (operations hang off them: ops/wiring.py)
         self.on_ready = Hooks[[]]("on_ready")
         self.on_reloading = Hooks[[]]("on_reloading")  # SIGHUP received, before the file is read
@@ -55,34 +65,80 @@ class Daemon:
 
     # -- serve ------------------------------------------------------------------
     async def run(self) -> int:
+        takeover = Takeover.from_env()  # a restart: our predecessor hands us its port, workers and tables
         self.paths.ensure()
         os.makedirs(self.cfg.data_dir, mode=0o700, exist_ok=True)
-        self._lock_fd = self.paths.lock()
-        self._clean_up_after_predecessor()
-        self.token = self.paths.write_token(self.cfg.token)
+        if takeover is None:
+            self._lock_fd = self.paths.lock()
+            self._clean_up_after_predecessor()
+            self.token = self.paths.write_token(self.cfg.token)
+            tables = None
+        else:
+            self._lock_fd = takeover.lock_fd  # the same open lock: it was never released
+            go = await takeover.ready()
+            self.paths.claim_lock(self._lock_fd)
+            self.token, tables = str(go["token"]), go["state"]
         self.front = Front(self.cfg, self.broker, self.gateway, self.token)
         self.front.http_routes.update(self._routes)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.on_sighup)
-        await self.broker.start()
-        await self.front.start()
-        if not await self.broker.lobby_ready():
-            log.error("lobby worker did not register; global methods will fail until it does")
-        url = url_for(self.cfg.host, self.front.port, self.token)
-        self.paths.write_info({
-            "pid": os.getpid(), "host": self.cfg.host, "port": self.front.port, "url": url,
-            "token_file": self.paths.token_file, "started_at": self.started_at, "version": __version__,
-            "runtime_dir": self.paths.root, "data_dir": self.cfg.data_dir,
-        })
-        log.info("gateway listening", url=url.split("?")[0], pid=os.getpid(), runtime=self.cfg.runtime,
-                 agent=self.cfg.agent, token_file=self.paths.token_file)
-        self._banner(url)
+        loop.add_signal_handler(signal.SIGUSR2, lambda: loop.create_task(self._restart_on_signal()))
+        if takeover is None:
+            await self.broker.start()
+            await self.front.start()
+            if not await self.broker.lobby_ready():
+                log.error("lobby worker did not register; global methods will fail until it does")
+            self._announce()
+        else:  # serve at once: the clients cut off by the hand-over are reconnecting now
+            await takeover.adopt(self.broker, tables)
+            await self.front.start(sock=takeover.listen[0])
+            self._announce()
+            self.on_took_over.run()
         await self.on_ready.run_async()
+        if takeover is not None:
+            await takeover.serving()  # the predecessor may go: port, link, control socket and tables are ours
         await self.stopping.wait()
+        if self._successor:
+            await self.on_stopped.run_async()  # operations close; the workers are the successor's
+            log.info("gateway handed over; exiting", successor=self._successor)
+            return 0 if self._successor > 0 else 1
         await self.shutdown()
         return 0
+
+    # -- restart: hand everything to a successor running the code on disk ----------------------------
+    async def restart(self) -> dict[str, Any]:
+        """The control endpoint's `restart` and SIGUSR2 (supervisor/restart/). On success this process exits
+        once the answer is out; on failure it goes on serving and the answer says why."""
+        if self._restarting:
+            raise HandoverError("a restart is already under way")
+        if self.front is None or self.broker.closing:
+            raise HandoverError("the gateway is not serving")
+        self._restarting = True
+        try:
+            self.on_restarting.run()
+            outcome = await predecessor.hand_over(self.broker, self.front, self._lock_fd, self.successor_env())
+        except HandoverError as exc:
+            if exc.past_cut:  # nothing left to serve with: exit, the workers end with the zygote
+                self._successor = -1
+                self.paths.remove_live_files()
+                asyncio.get_running_loop().call_soon(self.stopping.set)
+            else:
+                self._restarting = False
+                self.on_restart_failed.run()
+            raise
+        self._successor = outcome.pid
+        self.on_handed_over.run(outcome.pid)
+        asyncio.get_running_loop().call_later(0.2, self.stopping.set)  # let the answer go out first
+        return predecessor.describe(outcome)
+
+    async def _restart_on_signal(self) -> None:
+        try:
+            result = await self.restart()
+            log.info("SIGUSR2: restarted", **result)
+        except HandoverError as exc:
+            log.error("SIGUSR2: restart failed; still serving", error=str(exc))
 
     def _clean_up_after_predecessor(self) -> None:
         left = self.journal.load()
@@ -95,6 +151,17 @@ class Daemon:
                 # the lobby records why, unless the row was ended already
                 self.broker.note_end(entry.session, "gateway_lost")
         self.journal.clear()
+
+    def _announce(self) -> None:
+        url = url_for(self.cfg.host, self.front.port, self.token)
+        self.paths.write_info({
+            "pid": os.getpid(), "host": self.cfg.host, "port": self.front.port, "url": url,
+            "token_file": self.paths.token_file, "started_at": self.started_at, "version": __version__,
+            "runtime_dir": self.paths.root, "data_dir": self.cfg.data_dir,
+        })
+        log.info("gateway listening", url=url.split("?")[0], pid=os.getpid(), runtime=self.cfg.runtime,
+                 agent=self.cfg.agent, token_file=self.paths.token_file)
+        self._banner(url)
 
     async def shutdown(self) -> None:
         """Stop accepting, finalize every worker, close every client, then the operations pieces."""
@@ -213,8 +280,16 @@ def run(cfg: Config) -> int:
     daemon.on_reload.append(ops.reload)
     daemon.on_stopping.append(ops.stopping)
     daemon.on_stopped.append(ops.stopped)
+    daemon.on_restarting.append(ops.restarting)
+    daemon.on_restart_failed.append(ops.restart_failed)
+    daemon.on_handed_over.append(ops.handed_over)
+    daemon.on_took_over.append(ops.took_over)
+    daemon.successor_env = ops.successor_env
     try:
         return asyncio.run(daemon.run())
+    except HandoverError as exc:  # a restart's successor whose predecessor gave up before `go`
+        print(f"hermes-gateway: restart abandoned: {exc}", file=sys.stderr)
+        return 1
     except LockHeld as exc:
         print(f"hermes-gateway: {exc}; not starting a second daemon on {cfg.runtime_dir}", file=sys.stderr)
         return 1

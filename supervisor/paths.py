@@ -65,6 +65,11 @@ class RuntimePaths:
         os.set_inheritable(fd, False)
         return fd
 
+    def claim_lock(self, fd: int) -> None:
+        """A restart's successor holds its predecessor's lock (the same open file): write our pid in it."""
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+
     def write_token(self, token: str | None) -> str:
         token = token or secrets.token_urlsafe(32)
         _write_private(self.token_file, token + "\n")

@@ -21,6 +21,9 @@ EXAMPLES: dict[str, dict] = {
     frames.CALL: {"rid": 9, "id": "client-id", "method": "prompt.submit", "params": {"session_id": "x", "text": "hi"}},
     frames.STOP: {"reason": "client_close"},
     frames.ENDED: {"key": "20250101_120000_abcdef", "reason": "worker_exit", "at": 1735732800.5},
+    frames.HOLD: {},
+    frames.HELD: {},
+    frames.RELEASE: {},
 }
 
 

@@ -30,6 +30,7 @@ class Link:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, frames.MAX_FRAME)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 10)  # a restart's successor binds the link: back within ~10 ms
         self.sock.connect(endpoint)
         self.interval = heartbeat_interval
         self._outbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
@@ -39,6 +40,7 @@ class Link:
         self._poked = threading.Event()
         self._last_send = 0.0
         self.running = True
+        self.held = False  # a restart is handing the link over: queue everything until released
 
     def post(self, data: bytes) -> None:
         """Thread-safe: queue one frame for the main loop to send."""
@@ -58,6 +60,19 @@ class Link:
             except BlockingIOError:
                 pass
 
+    def hold(self) -> None:
+        """Main thread: send what is queued, then `held`, then nothing until release() (heartbeats included).
+
+        The broker that asked drains its socket up to our `held`, so no frame is lost between it and its
+        successor; what we queue meanwhile goes to the successor, in order, once it releases us."""
+        self._flush()
+        self.sock.send(frames.pack(frames.HELD))
+        self.held = True
+
+    def release(self) -> None:
+        self.held = False
+        self._flush()
+
     def _flush(self) -> None:
         """Send everything queued, in order; runs of events are coalesced (bounded) into one frame each."""
         try:
@@ -68,6 +83,8 @@ class Link:
         # only now: a post between a clear and the drain above had its wake byte drained while its flag stayed
         # set, so no later post wrote one and the outbox waited for the poll timeout (up to 0.5 s per event)
         self._poked.clear()
+        if self.held:
+            return  # queued until release(); release() flushes
         events: list = []
         size = 0
         while True:
@@ -117,9 +134,10 @@ class Link:
                     on_frame(frame)
             self._flush()
             tick()
-            if time.monotonic() - self._last_send >= self.interval:
+            if not self.held and time.monotonic() - self._last_send >= self.interval:
                 self.sock.send(heartbeat())
                 self._last_send = time.monotonic()
+        self.held = False  # stopping: what is queued goes out (to whichever broker has the link)
         self._flush()
 
     def close(self) -> None:

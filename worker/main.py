@@ -105,6 +105,10 @@ def run(ident: bytes, config: dict, parent_pid: int) -> int:
         elif kind_ == frames.STOP:
             stop_reason.append(frame["reason"])
             link.running = False
+        elif kind_ == frames.HOLD:
+            link.hold()
+        elif kind_ == frames.RELEASE:
+            link.release()
         elif kind_ == frames.ENDED:
             at = frame.get("at")
             at = float(at) if isinstance(at, (int, float)) else time.time()

@@ -4,7 +4,9 @@ Started by the broker as `python -m worker.zygote FD [--preload MOD ...]`, where
 one end of a SOCK_SEQPACKET socketpair. Requests and replies are msgpack maps:
 
   broker -> zygote  {"op": "spawn", "ident": bytes, "config": {...}}
+  broker -> zygote  {"op": "adopt"}   (a restart: outlive this broker; the successor holds the socket)
   zygote -> broker  {"op": "spawned", "ident": bytes, "pid": int}
+                    {"op": "adopted"}
                     {"op": "exited", "pid": int, "status": int}   (waitpid status, decoded)
                     {"op": "error", "ident": bytes, "message": str}
 
@@ -82,7 +84,7 @@ class Zygote:
 
     def serve(self) -> None:
         while True:
-            if os.getppid() != self.parent:
+            if self.parent and os.getppid() != self.parent:
                 return
             try:
                 ready, _, _ = select.select([self.sock, self.wake_r], [], [], 0.5)
@@ -105,6 +107,15 @@ class Zygote:
                     continue
                 if isinstance(req, dict) and req.get("op") == "spawn":
                     self.spawn(req.get("ident", b""), req.get("config") or {})
+                elif isinstance(req, dict) and req.get("op") == "adopt":
+                    self.adopt()
+
+    def adopt(self) -> None:
+        """A restart: the broker that started us exits and its successor holds our socket. Outlive the one
+        (no PDEATHSIG, no reparent check); the EOF of the socket, when the successor goes, still ends us."""
+        guard.set_parent_death_signal(0)
+        self.parent = 0
+        self.send(op="adopted")
 
     def reap(self) -> None:
         while True:

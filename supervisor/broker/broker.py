@@ -65,6 +65,8 @@ class Broker:
         self.pool = Pool(cfg, paths.broker_endpoint, self.workers, self.launcher, self.link, self.sessions,
                          self.ladder, lambda: self.accepting)
         self.end_notes = EndNotes(self.link, lambda: self.pool.lobby)
+        self.legacy: dict[int, Launcher] = {}  # predecessors' zygotes after restarts, until their workers are gone
+        self.on_held: Callable[[Worker], None] = lambda w: None  # a worker answered a restart's `hold`
         self._reaper: asyncio.Task | None = None
         self._trim_at = 0.0  # when to hand freed memory back to the OS, after workers went
 
@@ -81,9 +83,29 @@ class Broker:
     async def start(self) -> None:
         self.link.start()
         self._start_launcher(self.cfg.worker_config())
+        self.start_workers()
+
+    def start_workers(self) -> None:
+        """The lobby, the warm pool and the reaper (after a restart's takeover, beside the adopted workers)."""
         self.pool.start_lobby()
         self.pool.refill()
         self._reaper = asyncio.create_task(self._reap_loop(), name="reaper")
+
+    def stop_reaper(self) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+            self._reaper = None
+
+    def adopt_launcher(self, fd: int, pid: int) -> None:
+        """A restart: a predecessor's zygote, kept for the exits of the workers it forked (new ones come
+        from our own, running the code now on disk); closed when the last of them is gone."""
+        self.legacy[pid] = ZygoteLauncher.adopt(LaunchEvents(
+            self._on_launched, self._on_failed, self._on_exited, lambda: self._on_legacy_lost(pid)), fd, pid)
+        self.journal.add(JournalEntry(pid, create_time(pid), os.getpgid(pid) if _alive(pid) else pid, "zygote"))
+
+    def launchers(self) -> list[Launcher]:
+        """Every zygote whose workers live: ours, then the predecessors' (a restart hands them all over)."""
+        return [self.launcher, *self.legacy.values()]
 
     def _start_launcher(self, worker_config: dict | None = None) -> None:
         self.launcher.start(worker_config)
@@ -120,12 +142,14 @@ class Broker:
         """Finalize every worker through the stop ladder (history flushed), then the launcher."""
         self.closing = self.pool.closing = True
         self.set_accepting(False)
-        if self._reaper:
-            self._reaper.cancel()
+        self.stop_reaper()
         stops = [self.ladder.stop(w, Reason.SHUTDOWN) for w in self.workers.values()]
         if stops:
             await asyncio.gather(*stops, return_exceptions=True)
         self.launcher.close()
+        for legacy in list(self.legacy.values()):
+            legacy.close()
+        self.legacy.clear()
         self.journal.clear()
         self.link.close()
         if self._own_ctx:
@@ -147,6 +171,8 @@ class Broker:
             self._on_hello(w, frame)
         elif kind == frames.BYE:
             log.debug("worker says bye", pid=w.pid, reason=frame["reason"])
+        elif kind == frames.HELD:
+            self.on_held(w)
 
     def _on_hello(self, w: Worker, frame: dict) -> None:
         if w.pid and frame["pid"] != w.pid:
@@ -231,13 +257,33 @@ class Broker:
             self._trim_at = time.monotonic() + 1.0
         if w is self.pool.lobby and not self.closing:
             self.pool.restart_lobby(w)
+        if w.zygote in self.legacy and not any(x.zygote == w.zygote for x in self.workers.values()):
+            self._close_legacy(w.zygote)
         self.pool.refill()
         self.on_change()
+
+    def _close_legacy(self, pid: int) -> None:
+        legacy = self.legacy.pop(pid, None)
+        if legacy is not None:
+            log.info("a predecessor's zygote has no workers left; closing it", pid=pid)
+            self.journal.remove(pid)
+            legacy.close()
+
+    def _on_legacy_lost(self, pid: int) -> None:
+        """A predecessor's zygote died: the workers it forked died with it."""
+        if self.legacy.pop(pid, None) is not None:
+            self.journal.remove(pid)
+        for w in self.workers.values():
+            if w.zygote == pid:
+                self.launcher.kill(w.pid)
+                self._worker_gone(w, None)
 
     def _on_launcher_lost(self) -> None:
         """The launcher died: its workers die with it (PDEATHSIG); account for them and start over."""
         self.journal.remove(self.launcher.pid)  # the dead launcher's row (a new one is added on restart)
         for w in self.workers.values():
+            if w.zygote in self.legacy:
+                continue  # a predecessor's zygote's, alive
             self.launcher.kill(w.pid)
             self._worker_gone(w, None)
         if not self.closing:
@@ -280,3 +326,11 @@ class Broker:
                 "spares": len(self.pool.spares), "workers": len(self.workers),
                 "clients": len(self.sessions.clients)}
 
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False

@@ -73,10 +73,33 @@ class ZygoteLauncher:
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
         self._closing = False
+        self._adopted_pid = 0  # a predecessor's zygote: not our child (no Popen), watched by its socket
+        self._adopt_ack: asyncio.Future | None = None
 
     @property
     def pid(self) -> int:
-        return self.proc.pid if self.proc else 0
+        return self.proc.pid if self.proc else self._adopted_pid
+
+    @classmethod
+    def adopt(cls, events: LaunchEvents, fd: int, pid: int) -> "ZygoteLauncher":
+        """A restart's successor takes over its predecessor's zygote (socket fd inherited across exec)."""
+        launcher = cls(events)
+        launcher._adopted_pid = pid
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        launcher.sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), launcher._readable)
+        return launcher
+
+    async def hand_over(self, timeout: float = 2.0) -> int:
+        """A restart, on the predecessor's side: make the zygote outlive this broker, then stop reading its
+        socket (its later reports are the successor's). Returns the socket's fd for the successor."""
+        assert self.sock is not None
+        self._adopt_ack = asyncio.get_running_loop().create_future()
+        self.sock.send(msgpack.packb({"op": "adopt"}, use_bin_type=True))
+        await asyncio.wait_for(self._adopt_ack, timeout)
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        return self.sock.fileno()
 
     def start(self, worker_config: dict | None = None) -> None:
         if worker_config is not None:
@@ -122,8 +145,7 @@ class ZygoteLauncher:
         self.signal(pid, signals.SIGKILL)
 
     def _readable(self) -> None:
-        assert self.sock is not None
-        while True:
+        while self.sock is not None:  # a report handled below may close us (the last adopted worker gone)
             try:
                 data = self.sock.recv(65536)
             except BlockingIOError:
@@ -145,6 +167,9 @@ class ZygoteLauncher:
                 self.events.exited(int(msg["pid"]), int(msg["status"]))
             elif op == "error":
                 self.events.failed(msg.get("ident", b""), str(msg.get("message")))
+            elif op == "adopted" and self._adopt_ack is not None and not self._adopt_ack.done():
+                self._adopt_ack.set_result(True)
+                return  # whatever follows is the successor's to read
 
     def _lost(self) -> None:
         loop = asyncio.get_running_loop()
@@ -152,7 +177,7 @@ class ZygoteLauncher:
             loop.remove_reader(self.sock.fileno())
             self.sock.close()
             self.sock = None
-        status = self.proc.wait() if self.proc else None
+        status = self.proc.wait() if self.proc else _wait_gone(self._adopted_pid)
         if not self._closing:
             log.error("zygote exited", pid=self.pid, status=status)
             self.events.lost()
@@ -173,6 +198,11 @@ class ZygoteLauncher:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        elif self._adopted_pid:  # not our child: nothing to wait for (init reaps it); its workers are gone
+            try:
+                os.kill(self._adopted_pid, signals.SIGTERM)  # it may still have the predecessor's copy of the socket
+            except ProcessLookupError:
+                pass
 
 
 def create_time(pid: int) -> float:
@@ -181,3 +211,18 @@ def create_time(pid: int) -> float:
         return psutil.Process(pid).create_time()
     except psutil.Error:
         return 0.0
+
+
+def _wait_gone(pid: int, timeout: float = 2.0) -> int | None:
+    """Wait for a process that is not our child (a predecessor's zygote) to end; SIGKILL it after timeout."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.wait(timeout)
+    except psutil.TimeoutExpired:
+        try:
+            proc.kill()
+            return proc.wait(1.0)
+        except psutil.Error:
+            return None
+    except psutil.Error:
+        return None

@@ -135,6 +135,16 @@ class WorkerLink:
         finally:
             self._kick()
 
+    def try_send(self, worker: Worker, data: bytes) -> bool:
+        """Send if the worker is connected now; False, quietly, if not (a restart's release, retried)."""
+        try:
+            self.router.send_multipart([worker.ident, data], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False
+        finally:
+            self._kick()
+
     def forward(self, w: Worker, method: str, params: dict, client_id: Any, sink: Sink | None,
                 on_reply: Callable[[dict], None] | None = None) -> bool:
         """Send a client's call to a worker; its answer goes to `on_reply` (the whole frame) or `sink` (the json).

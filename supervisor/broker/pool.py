@@ -103,6 +103,7 @@ class Pool:
             log.warning("killing a worker forked after it was given up", pid=pid)
             self.launcher.kill(pid)
             return
+        w.zygote = self.launcher.pid
         self.workers.launched(w, pid, create_time(pid))
 
     def on_failed(self, ident: bytes, message: str) -> None:

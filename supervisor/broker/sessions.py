@@ -93,6 +93,20 @@ class SessionTable:
         self.on_change()
         return s
 
+    def rewind(self, sid: str, first_unsent: int) -> None:
+        """A restart's cut left `first_unsent` and what followed unsent to a client: replay them on resume."""
+        s = self.sessions.get(sid)
+        if s is not None:
+            s.delivered_seq = min(s.delivered_seq, first_unsent - 1)
+
+    def restore(self, s: Session) -> None:
+        """A session a predecessor broker handed over at a restart (supervisor/restart/state.py)."""
+        s.worker.session = s
+        self.sessions[s.sid] = s
+        if s.key:
+            self.by_key[s.key] = s
+        self.on_change()
+
     def attach(self, client: Client, s: Session, now: float) -> None:
         """Attach a client; if nobody was watching, first deliver what it missed, in order."""
         if client.id in s.attached or client.id not in self.clients:

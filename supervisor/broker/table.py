@@ -36,6 +36,7 @@ class Worker:
     exited: asyncio.Future | None = None
     hello: asyncio.Future | None = None
     exit_status: int | None = None
+    zygote: int = 0  # pid of the fork server it came from (after a restart: maybe a predecessor's)
 
     def beat(self, now: float, state: str | None = None) -> bool:
         """Any frame is a beat; True if it carried a new state (a detached session's grace clock restarts)."""

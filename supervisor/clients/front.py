@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import itertools
 import json
+import socket
 import time
 from collections import deque
 from http import HTTPStatus
@@ -109,9 +110,11 @@ class Front:
         self.ready_payload: dict = {"skin": {}, "heartbeat": True}
         self.rejected: dict[str, int] = {}
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on host:port, or on `sock` (a restart's successor takes its predecessor's listening socket)."""
+        where = {"sock": sock} if sock is not None else {"host": self.cfg.host, "port": self.cfg.port}
         self.server = await serve(
-            self._handle, self.cfg.host, self.cfg.port,
+            self._handle, **where,
             process_request=self._process_request,
             max_size=self.cfg.max_frame,
             max_queue=64,
@@ -123,6 +126,28 @@ class Front:
         )
         sock = next(iter(self.server.sockets))
         self.port = sock.getsockname()[1]
+
+    def listening(self) -> list[socket.socket]:
+        return list(self.server.sockets) if self.server is not None else []
+
+    async def hand_over_clients(self, timeout: float = 1.0) -> dict[str, int]:
+        """A restart's cut: let every client's queue drain (at most `timeout`), then close it with 1012.
+
+        Returns, per session, the first event seq still unsent to some client when its connection was
+        closed: the successor replays from there on resume, so a slow client loses nothing (it may get
+        again what was in its socket at the cut) and a fast one gets nothing twice."""
+        conns = self._conns()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while any(c._out for c in conns) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        unsent: dict[str, int] = {}
+        for c in conns:
+            for data in c._out:
+                ref = _event_ref(data)
+                if ref is not None and ref[1] < unsent.get(ref[0], 1 << 62):
+                    unsent[ref[0]] = ref[1]
+        await self.close_all(1012, "gateway restarting: reconnect and resume")
+        return unsent
 
     async def stop_accepting(self) -> None:
         if self.server is not None:
@@ -260,6 +285,16 @@ class Front:
             self.gateway.call(conn, checked, None if checked.is_notification else sink))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _event_ref(data: str | bytes) -> tuple[str, int] | None:
+    """(session id, seq) of a queued event message, None for anything else."""
+    try:
+        obj = json.loads(data)
+        params = obj["params"] if obj.get("method") == "event" else None
+        return (str(params["session_id"]), int(params["seq"])) if params and "seq" in params else None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def url_for(host: str, port: int, token: str) -> str:

@@ -22,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run the gateway in the foreground")
     config_mod.add_arguments(run)
+    restart = sub.add_parser("restart", help="hand the port and every live session to a new gateway process "
+                             "running the code now installed, without cutting a running turn")
+    restart.add_argument("--runtime-dir", default=None, metavar="D", help="the gateway's runtime dir")
+    restart.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for the answer")
     svc = sub.add_parser("install-service", help="write a systemd unit or launchd plist for this gateway")
     kind = svc.add_mutually_exclusive_group(required=True)
     kind.add_argument("--systemd", action="store_true")
@@ -60,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         from supervisor import daemon
 
         return daemon.run(cfg)
+    if args.command == "restart":
+        return _restart(args)
     if args.command == "install-service":
         from supervisor.commands import service
 
@@ -69,6 +75,28 @@ def main(argv: list[str] | None = None) -> int:
 
         return tui_mod.main(args)
     return 2
+
+
+def _restart(args: argparse.Namespace) -> int:
+    import os
+
+    from supervisor.commands import ps
+
+    root = os.path.abspath(os.path.expanduser(args.runtime_dir)) if args.runtime_dir else ps.default_runtime_dir()
+    try:
+        reply = ps.request(root, "restart", timeout=args.timeout)
+    except ps.NotRunning as exc:
+        print(f"hermes-gateway: {exc}", file=sys.stderr)
+        return 3
+    except ps.ControlError as exc:
+        print(f"hermes-gateway: restart failed, the running gateway goes on serving: {exc}", file=sys.stderr)
+        return 1
+    r = reply["restarted"]
+    print(f"hermes-gateway: restarted: pid {r['pid']} serves {r['sessions']} sessions on {r['workers']} workers "
+          f"(cut {r['cut'] * 1000:.0f} ms, {r['took']:.2f}s in all)")
+    if r.get("not_held"):
+        print(f"  workers that did not answer the hand-over in time: {r['not_held']}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def systemd_unit(user_unit: bool, config: str | None = None, opts: SystemdOption
         "[Service]",
         # READY=1 once the port listens and the lobby worker registered; WATCHDOG=1 from the event loop
         "Type=notify",
-        "NotifyAccess=main",
+        "NotifyAccess=all",  # a restart's successor says MAINPID= and READY=1 before it is the main pid (docs/restart.md)
         "ExecStart=" + " ".join(_systemd_quote(a) for a in cmd),
         "ExecReload=/bin/kill -HUP $MAINPID",
         # SIGTERM to the daemon only: it finalizes every worker itself; whatever is left then gets SIGKILL

@@ -3,6 +3,8 @@
 Wire format (one msgpack map per ZeroMQ message; REQ or DEALER+empty-delimiter clients):
   request  {"v": 1, "cmd": "list" | "stats" | "kill" | "drain" | "undrain", ...}
            kill: {"target": session id | stored key | pid, "reason"?: str}
+           restart: hand over to a new broker; answers {"restarted": {pid, cut, took, workers, sessions, not_held}}
+                    once the new one serves (this one then exits), or an error with the new one's reason
   reply    {"ok": true, ...} or {"ok": false, "error": str}
   list  -> {"gateway": {...stats...}, "workers": [row, ...]}  (row: see `worker_row`)
   stats -> {"gateway": {pid, uptime, started_at, version, accepting, counts, reaps, config, ...}}
@@ -72,7 +74,8 @@ class ControlServer:
         self._drain()
         log.info("control endpoint listening", endpoint=self.endpoint)
 
-    def close(self) -> None:
+    def close(self, unlink: bool = True) -> None:
+        """unlink=False after a restart: the path is the successor's socket now."""
         if self.sock is None:
             return
         try:
@@ -86,10 +89,11 @@ class ControlServer:
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        if unlink:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
 
     # -- the socket -----------------------------------------------------------
     def _drain(self) -> None:
@@ -130,9 +134,9 @@ class ControlServer:
             if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
                 raise ValueError("a request is a map with a string `cmd`")
             handler = {"list": self.list, "stats": self.stats, "kill": self.kill, "drain": self.drain,
-                       "undrain": self.undrain}.get(req["cmd"])
+                       "undrain": self.undrain, "restart": self.restart}.get(req["cmd"])
             if handler is None:
-                raise ValueError(f"unknown command {req['cmd'][:40]!r} (list, stats, kill, drain, undrain)")
+                raise ValueError(f"unknown command {req['cmd'][:40]!r} (list, stats, kill, drain, undrain, restart)")
             doc = await handler(req)
             doc["ok"] = True
         except asyncio.CancelledError:
@@ -169,6 +173,13 @@ class ControlServer:
         """Stop accepting new sessions; live ones run on until their clients leave and the reaper stops them."""
         self.gateway.set_accepting(False)
         return {"accepting": False, "sessions": self.gateway.counts()["sessions"]}
+
+    async def restart(self, req: dict) -> dict:
+        """Hand the port and every worker to a new broker running the code on disk (supervisor/restart/)."""
+        try:
+            return {"restarted": await self.gateway.restart()}
+        except RuntimeError as exc:  # HandoverError: the new broker's reason; this one goes on serving
+            raise ValueError(str(exc)) from None
 
     async def undrain(self, req: dict) -> dict:
         if not self.gateway.set_accepting(True):

@@ -46,6 +46,9 @@ class Supervised(Protocol):
     def kill(self, target: Any, reason: str) -> Awaitable[dict[str, Any] | None]:
         """Stop the worker of a session id, stored key or pid through its stop ladder; None if no such worker."""
 
+    def restart(self) -> Awaitable[dict[str, Any]]:
+        """Hand over to a successor; RuntimeError (HandoverError) with its reason when it could not start."""
+
     def on_change(self, fn: Callable[[], None]) -> None:
         """Call fn after a change to the tables (coalesced by the caller)."""
 

@@ -76,6 +76,17 @@ class Notifier:
             log.warning("sd_notify failed", error=str(exc), message=lines[0] if lines else "")
             return False
 
+    def environment(self) -> dict[str, str]:
+        """NOTIFY_SOCKET and WATCHDOG_USEC as we found them, for a restart's successor."""
+        if not self.address:
+            return {}
+        addr = self.address
+        text = "@" + addr[1:].decode() if isinstance(addr, bytes) else addr
+        env = {"NOTIFY_SOCKET": text}
+        if self.watchdog_usec:
+            env["WATCHDOG_USEC"] = str(self.watchdog_usec)
+        return env
+
     def ready(self, status: str = "") -> None:
         self.notify("READY=1", *([f"STATUS={status}"] if status else []))
         if status:

@@ -8,6 +8,7 @@ reload, stopping, stopped) and see the gateway only through ops.port.Supervised.
 from __future__ import annotations
 
 import asyncio
+import os
 
 from protocol.titles import gateway_title, set_title
 from supervisor import log
@@ -35,6 +36,7 @@ class Ops:
         self._title = ""
         self._flush_pending = False
         self._live = False
+        self._handed_over = False  # a restart's successor serves: its sockets and files are not ours to remove
         try:
             from supervisor.ops.metrics import Metrics
 
@@ -89,12 +91,32 @@ class Ops:
     def reload(self, changed: dict) -> None:
         self.monitor.on_reload(changed)
 
+    def restarting(self) -> None:
+        self.notifier.reloading()
+
+    def restart_failed(self) -> None:
+        self.notifier.ready(status_text(self.gateway.counts(), self.gateway.accepting()))
+
+    def successor_env(self) -> dict[str, str]:
+        """A restart's successor reports to the same service manager (we removed these from our environment)."""
+        return self.notifier.environment()
+
+    def handed_over(self, pid: int) -> None:
+        """The successor serves: it is the service's main process now (systemd: MAINPID=, NotifyAccess=all)."""
+        self._live = False
+        self._handed_over = True
+        self.notifier.notify(f"MAINPID={pid}")
+        self.notifier.stop_watchdog()
+
+    def took_over(self) -> None:
+        self.notifier.notify(f"MAINPID={os.getpid()}")  # before READY=1: the service's main process is us
+
     def stopping(self) -> None:
         self._live = False
         self.notifier.stopping()
 
     def stopped(self) -> None:
-        self.control.close()
+        self.control.close(unlink=not self._handed_over)
         self.sampler.close()
         self.monitor.stop()
         self.notifier.close()
