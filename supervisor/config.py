@@ -47,7 +47,7 @@ class Config:
     heartbeat_liveness: int = 3
     stop_timeout: float = 5.0
     max_workers: int = 64
-    max_client_sessions: int = 0  # sessions one connection may hold at once; 0: max(2, max_workers // 4)
+    max_client_sessions: int = 0  # sessions one connection may hold at once; 0: max(4, max_workers // 4)
     max_worker_queue: int = 1000  # calls that may wait on one worker before more are refused
     warm_pool: int = 1
     log_level: str = "info"
@@ -93,7 +93,7 @@ class Config:
 
     @property
     def client_sessions_limit(self) -> int:
-        return self.max_client_sessions or max(2, self.max_workers // 4)
+        return self.max_client_sessions or max(4, self.max_workers // 4)
 
     def public(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
