@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return daemon.run(cfg)
     if args.command == "restart":
-        return _restart(args)
+        from supervisor.commands import restart as restart_mod
+
+        return restart_mod.main(args)
     if args.command == "install-service":
         from supervisor.commands import service
 
@@ -75,28 +77,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return tui_mod.main(args)
     return 2
-
-
-def _restart(args: argparse.Namespace) -> int:
-    import os
-
-    from supervisor.commands import ps
-
-    root = os.path.abspath(os.path.expanduser(args.runtime_dir)) if args.runtime_dir else ps.default_runtime_dir()
-    try:
-        reply = ps.request(root, "restart", timeout=args.timeout)
-    except ps.NotRunning as exc:
-        print(f"hermes-gateway: {exc}", file=sys.stderr)
-        return 3
-    except ps.ControlError as exc:
-        print(f"hermes-gateway: restart failed, the running gateway goes on serving: {exc}", file=sys.stderr)
-        return 1
-    r = reply["restarted"]
-    print(f"hermes-gateway: restarted: pid {r['pid']} serves {r['sessions']} sessions on {r['workers']} workers "
-          f"(cut {r['cut'] * 1000:.0f} ms, {r['took']:.2f}s in all)")
-    if r.get("not_held"):
-        print(f"  workers that did not answer the hand-over in time: {r['not_held']}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

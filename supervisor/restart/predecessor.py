@@ -81,7 +81,8 @@ async def hand_over(broker: Broker, front: Front, lock_fd: int, notify_env: dict
         await _bury(proc, relay)
         chan.close()
         why = next((line for line in reversed(tail) if line.strip()), "") or str(exc)
-        raise HandoverError(f"the new gateway did not start (status {proc.returncode}): {why}") from None
+        raise HandoverError(f"the new gateway did not start (status {proc.returncode}): {why}; "
+                            "this one goes on serving") from None
     log.info("restart: successor ready; handing over", successor=proc.pid, workers=len(broker.workers))
 
     # -- the cut: from here on there is no way back -----------------------------------------------------
