@@ -1,4 +1,9 @@
-"""The WebSocket front: accept, check Host/Origin/token, parse JSON-RPC, and write to each client in order.
+"""The front: one aiohttp server for the WebSocket JSON-RPC path and every HTTP route next to it.
+
+aiohttp because the front will also proxy every method and WebSocket to Hermes'
+dashboard (issue 12); the websockets server parses only GET. Routes live in a
+table looked up at request time (`add_route`, `set_fallback`), so ops and the
+dashboard proxy can register theirs after the server is up.
 
 Each connection has its own bounded outbound buffer and writer task, so a slow
 client never stalls the broker: once its buffer passes --client-buffer it is
@@ -12,13 +17,10 @@ import hmac
 import itertools
 import json
 from collections import deque
-from http import HTTPStatus
 from typing import Awaitable, Callable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
-import websockets
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.http11 import Request, Response
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from protocol import jsonrpc
 from protocol.jsonrpc import RpcError
@@ -32,19 +34,21 @@ CLOSE_BAD_TOKEN = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_TOO_SLOW = 1008
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
-# How long a close handshake may take before the socket is dropped. websockets' default (10 s)
-# would hold a client that stopped answering pings for 10 s more before its sessions detach.
+# How long a close handshake may take before the socket is dropped: a client that stopped
+# answering must not hold its sessions attached for long after the ping found it.
 CLOSE_TIMEOUT = 1.0
 
-HttpRoute = Callable[[ServerConnection, Request], Awaitable[Response] | Response]
+HttpRoute = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Conn:
     """One client connection: what it is attached to, and its outbound queue."""
 
-    def __init__(self, ws: ServerConnection, cid: int, limit: int) -> None:
+    def __init__(self, ws: web.WebSocketResponse, cid: int, limit: int,
+                 transport: asyncio.BaseTransport | None = None) -> None:
         self.id = cid
         self.ws = ws
+        self.transport = transport
         self.attached: set[str] = set()
         self.closed = False
         self.capabilities: dict = {}
@@ -63,8 +67,8 @@ class Conn:
             self.closed = True
             self._out.clear()
             log.warning("client too slow, disconnecting", conn=self.id, buffered=self._queued, limit=self.limit)
-            asyncio.get_running_loop().create_task(
-                self.ws.close(CLOSE_TOO_SLOW, f"client too slow: more than {self.limit} bytes unread"))
+            asyncio.get_running_loop().create_task(self.ws.close(
+                code=CLOSE_TOO_SLOW, message=f"client too slow: more than {self.limit} bytes unread".encode()))
             return
         self._wake.set()
 
@@ -76,9 +80,9 @@ class Conn:
                 while self._out:
                     data = self._out.popleft()
                     self._queued -= len(data)
-                    await self.ws.send(data, text=True)
-        except (websockets.ConnectionClosed, asyncio.CancelledError):
-            pass
+                    await self.ws.send_frame(data.encode() if isinstance(data, str) else data, WSMsgType.TEXT)
+        except (ConnectionError, RuntimeError, asyncio.CancelledError):
+            pass  # closing or closed: the reader side ends the connection
 
 
 class _Batch:
@@ -101,46 +105,55 @@ class Front:
         self.broker = broker
         self.gateway = gateway
         self.token = token
-        self.server: Server | None = None
+        self.server: asyncio.Server | None = None
+        self.runner: web.AppRunner | None = None
         self.port = cfg.port
         self.http_routes: dict[str, HttpRoute] = {}
+        self.fallback: HttpRoute | None = None
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
         self.ready_payload: dict = {"skin": {}, "heartbeat": True}
         self.rejected: dict[str, int] = {}
 
+    def add_route(self, path: str, handler: HttpRoute) -> None:
+        """Serve `path` (any method) with `handler`; allowed before or after start()."""
+        self.http_routes[path] = handler
+
+    def set_fallback(self, handler: HttpRoute | None) -> None:
+        """Serve every path without a route (the dashboard proxy); None: answer 404."""
+        self.fallback = handler
+
     async def start(self) -> None:
-        self.server = await serve(
-            self._handle, self.cfg.host, self.cfg.port,
-            process_request=self._process_request,
-            max_size=self.cfg.max_frame,
-            max_queue=64,
-            ping_interval=self.cfg.ws_ping_interval,
-            ping_timeout=self.cfg.ws_ping_timeout,
-            close_timeout=CLOSE_TIMEOUT,
-            compression=None,
-            server_header="hermes-gateway",
-        )
-        sock = next(iter(self.server.sockets))
-        self.port = sock.getsockname()[1]
+        app = web.Application(client_max_size=1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._http)
+        self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self.runner.setup()
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self.runner.server, self.cfg.host, self.cfg.port,
+                                               reuse_address=True)
+        self.port = self.server.sockets[0].getsockname()[1]
 
     async def stop_accepting(self) -> None:
         if self.server is not None:
-            self.server.close(close_connections=False)
+            self.server.close()
 
     async def close_all(self, code: int = 1001, reason: str = "gateway shutting down") -> None:
         async def close(conn: Conn) -> None:
             try:
-                await asyncio.wait_for(conn.ws.close(code, reason), 1.0)
-            except (asyncio.TimeoutError, websockets.ConnectionClosed):
-                conn.ws.transport.abort()  # no answer to the closing handshake: drop it
+                await asyncio.wait_for(conn.ws.close(code=code, message=reason.encode()), 1.0)
+            except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+                pass
+            transport = conn.transport
+            if transport is not None and not transport.is_closing():
+                transport.abort()  # no answer to the closing handshake: drop it
 
         # all at once: one stuck client per second, in turn, would blow the --stop-timeout + 1 s budget
         await asyncio.gather(*(close(c) for c in self._conns()))
         if self.server is not None:
             self.server.close()
+        if self.runner is not None:
             try:
-                await asyncio.wait_for(self.server.wait_closed(), 2.0)
+                await asyncio.wait_for(self.runner.cleanup(), 2.0)
             except asyncio.TimeoutError:
                 pass
 
@@ -148,15 +161,16 @@ class Front:
         return [c for c in self.broker.clients.values() if isinstance(c, Conn)]
 
     # -- HTTP stage -----------------------------------------------------------
-    async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
+    async def _http(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        if path == WS_PATH:
+            return await self._ws(request)
         route = self.http_routes.get(path)
         if route is not None:
-            result = route(connection, request)
-            return await result if asyncio.iscoroutine(result) else result
-        if path != WS_PATH:
-            return connection.respond(HTTPStatus.NOT_FOUND, f"not found: {path[:100]} (the WebSocket is {WS_PATH})\n")
-        return None
+            return await route(request)
+        if self.fallback is not None:
+            return await self.fallback(request)
+        return web.Response(status=404, text=f"not found: {path[:100]} (the WebSocket is {WS_PATH})\n")
 
     def host_ok(self, host: str | None) -> bool:
         if not host:
@@ -176,47 +190,52 @@ class Front:
         parts = urlsplit(origin)
         return parts.scheme in ("http", "https") and (parts.hostname or "") in ("127.0.0.1", "localhost", "::1")
 
-    def token_ok(self, path: str) -> bool:
-        supplied = parse_qs(urlsplit(path).query).get("token", [""])[0]
+    def token_ok(self, supplied: str) -> bool:
         return hmac.compare_digest(supplied.encode(), self.token.encode())
 
     # -- WebSocket stage ------------------------------------------------------
-    async def _handle(self, ws: ServerConnection) -> None:
-        req = ws.request
-        assert req is not None
-        if not self.host_ok(req.headers.get("Host")) or not self.origin_ok(req.headers.get("Origin")):
+    async def _ws(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(
+            timeout=CLOSE_TIMEOUT, heartbeat=self.cfg.ws_ping_interval, max_msg_size=self.cfg.max_frame,
+            compress=False, autoping=True)
+        ws._pong_heartbeat = self.cfg.ws_ping_timeout  # aiohttp fixes it at heartbeat / 2; keep --ws-ping-timeout
+        if not ws.can_prepare(request).ok:
+            return web.Response(status=426, headers={"Upgrade": "websocket"},
+                                text=f"upgrade required: {WS_PATH} is a WebSocket endpoint\n")
+        await ws.prepare(request)
+        if not self.host_ok(request.headers.get("Host")) or not self.origin_ok(request.headers.get("Origin")):
             self.rejected["forbidden"] = self.rejected.get("forbidden", 0) + 1
-            log.warning("rejected connection: host or origin not allowed", host=req.headers.get("Host"),
-                        origin=req.headers.get("Origin"))
-            await ws.close(CLOSE_FORBIDDEN, "forbidden: Host must be a loopback name and Origin allowed")
-            return
-        if not self.token_ok(req.path):
+            log.warning("rejected connection: host or origin not allowed", host=request.headers.get("Host"),
+                        origin=request.headers.get("Origin"))
+            await ws.close(code=CLOSE_FORBIDDEN, message=b"forbidden: Host must be a loopback name and Origin allowed")
+            return ws
+        if not self.token_ok(request.query.get("token", "")):
             self.rejected["token"] = self.rejected.get("token", 0) + 1
-            log.warning("rejected connection: bad token", peer=str(ws.remote_address))
-            await ws.close(CLOSE_BAD_TOKEN, "unauthorized: bad or missing token")
-            return
-        conn = Conn(ws, next(self._ids), self.cfg.client_buffer)
+            log.warning("rejected connection: bad token", peer=str(request.remote))
+            await ws.close(code=CLOSE_BAD_TOKEN, message=b"unauthorized: bad or missing token")
+            return ws
+        conn = Conn(ws, next(self._ids), self.cfg.client_buffer, request.transport)
         self.broker.clients[conn.id] = conn
-        log.debug("client connected", conn=conn.id, peer=str(ws.remote_address))
+        log.debug("client connected", conn=conn.id, peer=str(request.remote))
         conn.send(jsonrpc.event("gateway.ready", "", self.ready_payload))
         try:
-            async for message in ws:
-                if isinstance(message, bytes):
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    self.on_text(conn, msg.data)
+                elif msg.type == WSMsgType.BINARY:
                     conn.send(jsonrpc.error(None, jsonrpc.PARSE_ERROR,
                                             "parse error: binary frames are not accepted, send JSON text"))
-                    continue
-                self.on_text(conn, message)
-        except websockets.ConnectionClosed:
-            pass
+                elif msg.type == WSMsgType.ERROR:
+                    if getattr(msg.data, "code", None) == WSCloseCode.MESSAGE_TOO_BIG:
+                        log.warning("client sent a frame over the size limit; connection closed", conn=conn.id,
+                                    limit=self.cfg.max_frame)
+                    break
         finally:
             conn.closed = True
-            sent = ws.protocol.close_sent  # close_code is what the client sent back (1006 after a 1009 fail)
-            if sent is not None and sent.code == 1009:
-                log.warning("client sent a frame over the size limit; connection closed", conn=conn.id,
-                            limit=self.cfg.max_frame)
             self.broker.detach_client(conn)
             conn.writer.cancel()
             log.debug("client disconnected", conn=conn.id, code=ws.close_code)
+        return ws
 
     def on_text(self, conn: Conn, text: str) -> None:
         try:
