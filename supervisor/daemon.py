@@ -63,7 +63,7 @@ class Daemon:
         await self.front.start()
         if not await self.broker.lobby_ready():
             log.error("lobby worker did not register; global methods will fail until it does")
-        url = url_for(self.cfg.host, self.front.port, self.token)
+        url = url_for(self.cfg.host, self.front.port, self.token, tls=self.front.tls is not None)
         self.paths.write_info({
             "pid": os.getpid(), "host": self.cfg.host, "port": self.front.port, "url": url,
             "token_file": self.paths.token_file, "started_at": self.started_at, "version": __version__,
@@ -125,9 +125,11 @@ class Daemon:
         self.broker.refill()
 
     def _banner(self, url: str) -> None:
+        if not sys.stdout.isatty():  # a journal or a file: never the token, only where it is
+            url = url.split("?")[0] + f"?token=$(cat {self.paths.token_file})"
         print(f"hermes-gateway {__version__} listening on {url.split('?')[0]}\n"
               f"  token file:  {self.paths.token_file}\n"
-              f"  Hermes TUI:  HERMES_TUI_GATEWAY_URL='{url}' hermes\n"
+              f"  Hermes TUI:  HERMES_TUI_GATEWAY_URL=\"{url}\" hermes\n"
               f"  workers:     hermes-ps --runtime-dir {self.paths.root}", flush=True)
 
 

@@ -13,12 +13,11 @@ closed (1008) and its sessions detach like any other disconnect.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import json
+import socket
 from collections import deque
 from typing import Awaitable, Callable
-from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -27,13 +26,13 @@ from protocol.jsonrpc import RpcError
 from supervisor import log
 from supervisor.broker.broker import Broker
 from supervisor.config import Config
+from supervisor.clients.access import Access
+from supervisor.clients.admission import Admission, Limits, raise_nofile
+from supervisor.clients.exposure import tls_context
 from supervisor.clients.gateway import Gateway
 
 WS_PATH = "/api/ws"
-CLOSE_BAD_TOKEN = 4401
-CLOSE_FORBIDDEN = 4403
 CLOSE_TOO_SLOW = 1008
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 # How long a close handshake may take before the socket is dropped: a client that stopped
 # answering must not hold its sessions attached for long after the ping found it.
 CLOSE_TIMEOUT = 1.0
@@ -49,6 +48,7 @@ class Conn:
         self.id = cid
         self.ws = ws
         self.transport = transport
+        self.inflight = 0  # requests dispatched and not answered yet (--max-inflight)
         self.attached: set[str] = set()
         self.closed = False
         self.capabilities: dict = {}
@@ -105,7 +105,6 @@ class Front:
         self.broker = broker
         self.gateway = gateway
         self.token = token
-        self.server: asyncio.Server | None = None
         self.runner: web.AppRunner | None = None
         self.port = cfg.port
         self.http_routes: dict[str, HttpRoute] = {}
@@ -114,6 +113,10 @@ class Front:
         self._tasks: set[asyncio.Task] = set()
         self.ready_payload: dict = {"skin": {}, "heartbeat": True}
         self.rejected: dict[str, int] = {}
+        raise_nofile()  # before the broker's sockets exist: every descriptor counts
+        self.tls = tls_context(cfg) if cfg.tls_cert else None
+        self.access = Access(cfg.host, cfg.allowed_hosts, cfg.allowed_origins, tls=self.tls is not None)
+        self.admission: Admission | None = None
 
     def add_route(self, path: str, handler: HttpRoute) -> None:
         """Serve `path` (any method) with `handler`; allowed before or after start()."""
@@ -126,16 +129,29 @@ class Front:
     async def start(self) -> None:
         app = web.Application(client_max_size=1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._http)
-        self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        # an idle keep-alive connection is closed as fast as an unfinished handshake
+        self.runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                    keepalive_timeout=self.cfg.handshake_timeout)
         await self.runner.setup()
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(self.runner.server, self.cfg.host, self.cfg.port,
-                                               reuse_address=True)
-        self.port = self.server.sockets[0].getsockname()[1]
+        cfg = self.cfg
+        self.admission = Admission(
+            Limits(cfg.max_clients, cfg.max_handshakes, cfg.handshake_timeout), self.runner.server,
+            workers_free=lambda: cfg.max_workers - len(self.broker.workers), ssl_ctx=self.tls,
+            on_refused=self._count_refused)
+        self.admission.listen(_listen(cfg.host, cfg.port))
+        self.port = self.admission.socks[0].getsockname()[1]
+        self.access.port = self.port
+        room = self.admission.fd_room()
+        if room < 8:
+            log.error("few descriptors left for clients: raise RLIMIT_NOFILE or lower --max-workers",
+                      room=room, soft_limit=self.admission.soft, max_workers=cfg.max_workers)
+
+    def _count_refused(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     async def stop_accepting(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        if self.admission is not None:
+            self.admission.close()
 
     async def close_all(self, code: int = 1001, reason: str = "gateway shutting down") -> None:
         async def close(conn: Conn) -> None:
@@ -149,8 +165,8 @@ class Front:
 
         # all at once: one stuck client per second, in turn, would blow the --stop-timeout + 1 s budget
         await asyncio.gather(*(close(c) for c in self._conns()))
-        if self.server is not None:
-            self.server.close()
+        if self.admission is not None:
+            self.admission.close()
         if self.runner is not None:
             try:
                 await asyncio.wait_for(self.runner.cleanup(), 2.0)
@@ -162,6 +178,15 @@ class Front:
 
     # -- HTTP stage -----------------------------------------------------------
     async def _http(self, request: web.Request) -> web.StreamResponse:
+        """Every request: Host and Origin first (DNS rebinding, other pages), then its route."""
+        if self.admission is not None:
+            self.admission.handshake_done(request.transport)
+        host, origin = request.headers.get("Host"), request.headers.get("Origin")
+        if not self.access.host_ok(host):
+            return self._refuse(request, 403, "host", f"forbidden: Host {host!r} is not a name of this gateway")
+        if not self.access.origin_ok(origin, host):
+            return self._refuse(request, 403, "origin", f"forbidden: Origin {origin!r} is not allowed "
+                                "(same host and port as the gateway, or --allowed-origins)")
         path = request.path
         if path == WS_PATH:
             return await self._ws(request)
@@ -172,26 +197,14 @@ class Front:
             return await self.fallback(request)
         return web.Response(status=404, text=f"not found: {path[:100]} (the WebSocket is {WS_PATH})\n")
 
-    def host_ok(self, host: str | None) -> bool:
-        if not host:
-            return False
-        name, _, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
-        if not name:
-            return False
-        names = set(LOOPBACK_NAMES) | {self.cfg.host, f"[{self.cfg.host}]"}
-        return name.lower() in names and port == str(self.port)
-
-    def origin_ok(self, origin: str | None) -> bool:
-        if origin is None:
-            return True  # non-browser clients (the TUI) send none
-        allowed = [o.strip() for o in self.cfg.allowed_origins.split(",") if o.strip()]
-        if origin in allowed or "*" in allowed:
-            return True
-        parts = urlsplit(origin)
-        return parts.scheme in ("http", "https") and (parts.hostname or "") in ("127.0.0.1", "localhost", "::1")
-
-    def token_ok(self, supplied: str) -> bool:
-        return hmac.compare_digest(supplied.encode(), self.token.encode())
+    def _refuse(self, request: web.Request, status: int, reason: str, text: str) -> web.Response:
+        """A plain HTTP refusal before any upgrade; counted, and logged at most 10 times per 10 s."""
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        log.throttled("refused").warning("request refused", reason=reason, status=status, path=request.path[:100],
+                                         peer=str(request.remote), host=request.headers.get("Host"),
+                                         origin=request.headers.get("Origin"))
+        headers = {"WWW-Authenticate": 'Bearer realm="hermes-gateway"'} if status == 401 else {}
+        return web.Response(status=status, text=text + "\n", headers=headers)
 
     # -- WebSocket stage ------------------------------------------------------
     async def _ws(self, request: web.Request) -> web.StreamResponse:
@@ -199,21 +212,15 @@ class Front:
             timeout=CLOSE_TIMEOUT, heartbeat=self.cfg.ws_ping_interval, max_msg_size=self.cfg.max_frame,
             compress=False, autoping=True)
         ws._pong_heartbeat = self.cfg.ws_ping_timeout  # aiohttp fixes it at heartbeat / 2; keep --ws-ping-timeout
+        if not self.access.token_ok(request.query.get("token", ""), self.token):
+            return self._refuse(request, 401, "token", "unauthorized: bad or missing token (?token=)")
         if not ws.can_prepare(request).ok:
             return web.Response(status=426, headers={"Upgrade": "websocket"},
                                 text=f"upgrade required: {WS_PATH} is a WebSocket endpoint\n")
+        if len(self._conns()) >= self.cfg.max_clients:
+            return self._refuse(request, 503, "max_clients", f"too many clients: {self.cfg.max_clients} "
+                                "are connected (--max-clients)")
         await ws.prepare(request)
-        if not self.host_ok(request.headers.get("Host")) or not self.origin_ok(request.headers.get("Origin")):
-            self.rejected["forbidden"] = self.rejected.get("forbidden", 0) + 1
-            log.warning("rejected connection: host or origin not allowed", host=request.headers.get("Host"),
-                        origin=request.headers.get("Origin"))
-            await ws.close(code=CLOSE_FORBIDDEN, message=b"forbidden: Host must be a loopback name and Origin allowed")
-            return ws
-        if not self.token_ok(request.query.get("token", "")):
-            self.rejected["token"] = self.rejected.get("token", 0) + 1
-            log.warning("rejected connection: bad token", peer=str(request.remote))
-            await ws.close(code=CLOSE_BAD_TOKEN, message=b"unauthorized: bad or missing token")
-            return ws
         conn = Conn(ws, next(self._ids), self.cfg.client_buffer, request.transport)
         self.broker.clients[conn.id] = conn
         log.debug("client connected", conn=conn.id, peer=str(request.remote))
@@ -275,15 +282,64 @@ class Front:
             rid = checked.data.get("id") if isinstance(checked.data, dict) else None
             sink(jsonrpc.error(rid, checked.code, checked.message))
             return
-        task = asyncio.get_running_loop().create_task(
-            self.gateway.call(conn, checked, None if checked.is_notification else sink))
+        if conn.inflight >= self.cfg.max_inflight:
+            self.rejected["max_inflight"] = self.rejected.get("max_inflight", 0) + 1
+            log.throttled("inflight").warning("request refused: too many in flight", conn=conn.id,
+                                              limit=self.cfg.max_inflight)
+            if not checked.is_notification:
+                sink(jsonrpc.error(checked.id, jsonrpc.TOO_MANY_IN_FLIGHT,
+                                   f"too many requests in flight: {self.cfg.max_inflight} unanswered on this "
+                                   "connection (--max-inflight); wait for answers, then retry"))
+            return
+        conn.inflight += 1
+        answer = None if checked.is_notification else _Answer(conn, sink)
+        task = asyncio.get_running_loop().create_task(self.gateway.call(conn, checked, answer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if answer is None:  # a notification is in flight while its handler runs
+            task.add_done_callback(lambda _t, c=conn: setattr(c, "inflight", c.inflight - 1))
 
 
-def url_for(host: str, port: int, token: str) -> str:
+class _Answer:
+    """The sink of one request: the request stops counting as in flight when its answer is sent
+    (routed calls are answered later by the worker, long after the handler task ended)."""
+
+    __slots__ = ("conn", "sink", "done")
+
+    def __init__(self, conn: Conn, sink: Callable[[str | bytes], None]) -> None:
+        self.conn, self.sink, self.done = conn, sink, False
+
+    def __call__(self, data: str | bytes) -> None:
+        if not self.done:
+            self.done = True
+            self.conn.inflight -= 1
+        self.sink(data)
+
+
+def url_for(host: str, port: int, token: str, tls: bool = False) -> str:
     shown = f"[{host}]" if ":" in host else host
-    return f"ws://{shown}:{port}{WS_PATH}?token={token}"
+    return f"{'wss' if tls else 'ws'}://{shown}:{port}{WS_PATH}?token={token}"
+
+
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """The front's listening sockets (every address `host` resolves to), non-blocking, accepted by Admission."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, _, addr in infos:
+            s = socket.socket(family, type_, proto)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((addr[0], port, *addr[2:]))  # port 0: the first address picks, the others follow it
+            s.listen(1024)
+            port = s.getsockname()[1]
+    except OSError:
+        for s in socks:
+            s.close()
+        raise
+    return socks
 
 
 def dumps(obj: object) -> str:

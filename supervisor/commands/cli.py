@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         cli = {k: v for k, v in vars(args).items() if k != "command"}
         try:
             cfg = config_mod.load(cli)
-        except config_mod.ConfigError as exc:
+            from supervisor.clients import exposure
+
+            exposure.settle(cfg)  # bind, TLS, --token-file; HERMES_GATEWAY_TOKEN leaves the environment
+        except (config_mod.ConfigError, ValueError) as exc:
             print(f"hermes-gateway: error: {exc}", file=sys.stderr)
             return 2
         from supervisor import daemon
