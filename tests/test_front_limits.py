@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import logging
 import os
 import resource
 import socket
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.client import Client, RpcFailed
+from supervisor import log
+from tests.client import Client
 from tests.conftest import BIN, gateway_binary, run, wait_for
 
 
@@ -133,17 +135,23 @@ def test_wide_bind_with_tls_serves_wss_and_checks_host_names(gateway_factory, tm
 
 
 # -- 10: logs --------------------------------------------------------------------------------------------
-def test_a_method_name_with_a_newline_cannot_forge_a_log_line(gateway_factory):
-    gw = gateway_factory("--log-level", "debug")
+def test_a_value_with_a_newline_cannot_forge_a_log_line():
+    """Old log.py quoted only values with a space: a newline plus tabs wrote a second, forged line."""
+    formatter = log._Formatter("text")
+    for value in ("nope\n2026-01-01T00:00:00.000\terror\tforged=1", "a=b", 'say"hi"', "\x1b[31mred", "x\ry",
+                  "line\u2028sep"):
+        record = logging.LogRecord("hermes.gateway", logging.WARNING, __file__, 1, "request refused", None, None)
+        record.fields = {"method": value, "next": "ok"}
+        line = formatter.format(record)
+        assert "\n" not in line and "\r" not in line and "\u2028" not in line and "\x1b" not in line, line
+        assert line.endswith(" next=ok") and f"method={json.dumps(value)}" in line, line
 
-    async def go():
-        c = await Client.open(gw.url)
-        with pytest.raises(RpcFailed):
-            await c.call("nope\n2026-01-01T00:00:00.000 error forged=1", {})
-        await c.close()
 
-    run(go())
-    time.sleep(0.3)
+def test_a_refused_path_with_a_newline_is_logged_on_one_line(gateway_factory):
+    gw = gateway_factory()
+    status, _ = _get(gw, "/api/ws%0a2026-01-01T00:00:00.000%09error%09forged=1", host="evil.example")
+    assert status == 403
+    wait_for(lambda: "request refused" in gw.log(), 5, what="the refusal line")
     assert not any(ln.startswith("2026-01-01T00:00:00.000") for ln in gw.log().splitlines()), gw.log()
 
 

@@ -128,7 +128,7 @@ class Front:
 
     async def start(self) -> None:
         app = web.Application(client_max_size=1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._http)
+        app.router.add_route("*", "/{tail:[\\s\\S]*}", self._http)  # any path, newlines too
         # an idle keep-alive connection is closed as fast as an unfinished handshake
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                     keepalive_timeout=self.cfg.handshake_timeout)
