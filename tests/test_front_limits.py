@@ -86,6 +86,46 @@ def test_soft_descriptor_limit_is_raised_to_the_hard_one_and_logged(gateway_fact
     assert "soft_was=256" in line and "soft=512" in line and "hard=512" in line
 
 
+def test_clients_past_max_clients_get_503_naming_the_limit(gateway_factory):
+    gw = gateway_factory("--max-clients", "2")
+
+    async def go():
+        import websockets
+
+        a, b = await Client.open(gw.url), await Client.open(gw.url)
+        with pytest.raises(websockets.InvalidStatus) as info:
+            await Client.open(gw.url)
+        assert info.value.response.status_code == 503
+        assert b"--max-clients" in info.value.response.body
+        await a.close()
+        await asyncio.sleep(0.2)
+        c = await Client.open(gw.url)
+        assert await c.call("gateway.ping") == {"ok": True}
+        await b.close()
+        await c.close()
+
+    run(go())
+
+
+def test_a_flood_of_unfinished_handshakes_does_not_keep_a_client_out(gateway_factory):
+    gw = gateway_factory("--max-handshakes", "4", "--handshake-timeout", "10")
+    idle = [socket.create_connection(("127.0.0.1", gw.port), timeout=5) for _ in range(30)]
+    try:
+        async def go():
+            t0 = time.monotonic()
+            c = await Client.open(gw.url, open_timeout=15)
+            assert await c.call("gateway.ping") == {"ok": True}
+            await c.close()
+            return time.monotonic() - t0
+
+        took = run(go())
+        assert took < 9, f"the client waited {took:.1f}s behind 30 idle connections"
+    finally:
+        for s in idle:
+            s.close()
+    assert gw.proc.poll() is None
+
+
 # -- 7: /metrics checks Host like the WebSocket ------------------------------------------------------
 def test_metrics_refuses_a_foreign_host_even_with_loopback_auth(gateway_factory):
     gw = gateway_factory("--metrics-auth", "loopback")

@@ -6,10 +6,12 @@ descriptors, and libzmq, finding none for its next accept, aborted the whole gat
 So the front accepts by hand, one socket at a time, and only while:
   * descriptors stay free for the rest of the gateway: a fixed reserve (control socket,
     store, worker starts in progress) plus a few per worker slot not yet used;
-  * fewer than --max-clients connections are open;
+  * fewer than --max-clients plus --max-handshakes connections are open (the front answers 503
+    to a WebSocket client past --max-clients);
 and a connection that has not finished its handshake (TLS plus HTTP request head) within
---handshake-timeout is dropped. At most --max-handshakes may be unfinished at once: a new
-one evicts the oldest, so a slow flood cannot keep real clients out. When there is no room
+--handshake-timeout is dropped. At most --max-handshakes may be unfinished at once; past that,
+or without descriptors to spare, the oldest unfinished one (if older than MIN_HANDSHAKE_AGE) makes
+room for the next, so a slow flood cannot keep real clients out. When there is no room
 the listening socket is simply not read: the kernel's backlog holds the rest at no cost.
 A handshake is evicted only after MIN_HANDSHAKE_AGE, so the backlog drains in turn.
 """
@@ -101,7 +103,8 @@ class Admission:
         return self.soft - reserve - self._others - self.open
 
     def room(self) -> bool:
-        return self.open < self.limits.max_clients and self.fd_room() > 0
+        # clients plus handshakes: a client over --max-clients still gets its HTTP 503, not silence
+        return self.open < self.limits.max_clients + self.limits.max_handshakes and self.fd_room() > 0
 
     # -- listening ---------------------------------------------------------------
     def listen(self, socks: list[socket.socket]) -> None:
@@ -135,11 +138,12 @@ class Admission:
 
     def _accept(self, listener: socket.socket) -> None:
         for _ in range(64):  # a bounded batch per wake-up, so the loop keeps serving everyone else
-            if not self.room():
+            full = len(self.pending) >= self.limits.max_handshakes
+            if full or not self.room():
                 # the backlog keeps the rest; an evicted socket frees its descriptor on the next loop turn,
-                # and its release (or the retry) resumes accepting
+                # and its release, a finished handshake or the retry resumes accepting
                 self._pause()
-                if not self._evict_oldest("no room"):
+                if not self._evict_oldest("too many unfinished handshakes" if full else "no descriptors to spare"):
                     asyncio.get_running_loop().call_later(RETRY_ACCEPT, self._resume)
                 return
             try:
@@ -153,8 +157,6 @@ class Admission:
                 asyncio.get_running_loop().call_later(0.2, self._resume)
                 return
             sock.setblocking(False)
-            if len(self.pending) >= self.limits.max_handshakes:
-                self._evict_oldest("too many unfinished handshakes", force=True)
             self.open += 1
             task = asyncio.get_running_loop().create_task(self._connect(sock))
             self._tasks.add(task)
@@ -184,6 +186,8 @@ class Admission:
         entry = self.pending.pop(transport, None) if transport is not None else None
         if entry is not None:
             entry[0].cancel()
+            if self.socks and len(self._reading) < len(self.socks):
+                self._resume()
 
     def _expire(self, transport: asyncio.BaseTransport) -> None:
         if self.pending.pop(transport, None) is not None:
@@ -192,11 +196,11 @@ class Admission:
                                                timeout=self.limits.handshake_timeout)
             transport.abort()
 
-    def _evict_oldest(self, why: str, force: bool = False) -> bool:
+    def _evict_oldest(self, why: str) -> bool:
         if not self.pending:
             return False
         transport, (timer, since) = next(iter(self.pending.items()))
-        if not force and asyncio.get_running_loop().time() - since < MIN_HANDSHAKE_AGE:
+        if asyncio.get_running_loop().time() - since < MIN_HANDSHAKE_AGE:
             return False
         del self.pending[transport]
         timer.cancel()
