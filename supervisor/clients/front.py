@@ -136,7 +136,7 @@ class Front:
         cfg = self.cfg
         self.admission = Admission(
             Limits(cfg.max_clients, cfg.max_handshakes, cfg.handshake_timeout), self.runner.server,
-            workers_free=lambda: cfg.max_workers - len(self.broker.workers), ssl_ctx=self.tls,
+            workers_free=lambda: cfg.max_workers + cfg.warm_pool + 1 - len(self.broker.workers), ssl_ctx=self.tls,
             on_refused=self._count_refused)
         self.admission.listen(_listen(cfg.host, cfg.port))
         self.port = self.admission.socks[0].getsockname()[1]
