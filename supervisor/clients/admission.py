@@ -36,6 +36,7 @@ FD_RESERVE = 8
 # descriptors the broker holds per worker (its ipc connection, pidfd/psutil reads)
 FD_PER_WORKER = 2
 FD_MEASURE_EVERY = 1.0  # seconds between counts of /proc/self/fd
+FD_RECOUNT_BELOW = 32  # below this much room, count on every accept
 # an unfinished handshake is evicted for a newer one only after this long, so every connection
 # gets a fair chance to send its request head even in a flood
 MIN_HANDSHAKE_AGE = 0.5
@@ -57,11 +58,12 @@ def raise_nofile() -> tuple[int, int, int]:
     return soft, new, hard
 
 
-def open_fds() -> int:
+def open_fds() -> int | None:
+    """Descriptors open in this process; None when even counting them fails (EMFILE: none left)."""
     try:
         return len(os.listdir("/proc/self/fd")) - 1  # the listdir's own descriptor
     except OSError:
-        return 0
+        return None
 
 
 @dataclass
@@ -94,11 +96,18 @@ class Admission:
 
     # -- budget ------------------------------------------------------------------
     def fd_room(self) -> int:
-        """Descriptors the front may still take."""
+        """Descriptors the front may still take. Counted at most once a second while there is plenty of room,
+        on every call when it is nearly gone (the broker's own use moves between counts)."""
         now = time.monotonic()
-        if now - self._measured_at >= FD_MEASURE_EVERY:
+        room = self._room()
+        if now - self._measured_at >= FD_MEASURE_EVERY or room < FD_RECOUNT_BELOW:
             self._measured_at = now
-            self._others = max(0, open_fds() - self.open)
+            counted = open_fds()
+            self._others = self.soft if counted is None else max(0, counted - self.open)
+            room = self._room()
+        return room
+
+    def _room(self) -> int:
         reserve = FD_RESERVE + FD_PER_WORKER * max(0, self.workers_free())
         return self.soft - reserve - self._others - self.open
 
@@ -152,7 +161,8 @@ class Admission:
                 return
             except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ECONNABORTED: never fatal
                 self._count("accept_error")
-                log.throttled("accept").warning("accept failed", error=exc.strerror or str(exc))
+                log.throttled("accept").warning("accept failed", error=exc.strerror or str(exc), front=self.open,
+                                                others=self._others, soft=self.soft)
                 self._pause()
                 asyncio.get_running_loop().call_later(0.2, self._resume)
                 return
