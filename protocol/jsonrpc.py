@@ -19,6 +19,7 @@ STORED_SESSION_NOT_FOUND = 4007
 SESSION_BUSY = 4009
 NO_CAPACITY = 4090
 LIMIT_REACHED = 4290  # a per-session/per-connection limit; the message and data name it
+TOO_MANY_IN_FLIGHT = 4029  # one connection has --max-inflight requests unanswered
 RESUME_FAILED = 5000
 SLASH_FAILED = 5030
 AGENT_INIT_FAILED = 5032

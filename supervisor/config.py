@@ -72,6 +72,16 @@ class Config:
     openai_system_prompt: str = ""
     hermes_provider: str = ""
     metrics_auth: str = "token"
+    # the front's limits and exposure (docs/security.md)
+    max_clients: int = 1000  # connections open at once, handshaking or not
+    max_handshakes: int = 64  # connections that have not finished TLS + the request head
+    handshake_timeout: float = 2.5  # seconds a connection may take to finish its handshake
+    max_inflight: int = 256  # requests one connection may have waiting for an answer
+    allowed_hosts: str = ""  # Host names accepted besides those derived from --host
+    allow_remote: bool = False  # a non-loopback --host needs this and TLS
+    tls_cert: str = ""
+    tls_key: str = ""
+    token_file: str = ""  # read the token from this file (keeps it out of argv and the environment)
 
     def __post_init__(self) -> None:
         self.runtime_dir = self.runtime_dir or _default_runtime_dir()
@@ -141,6 +151,10 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "background_queue": (lambda v: 0 <= v <= 10_000, "an integer from 0 to 10000"),
     "openai_timeout": (_positive, "a number of seconds > 0"),
     "metrics_auth": (lambda v: v in ("token", "loopback"), "token or loopback"),
+    "max_clients": (lambda v: 1 <= v <= 1_000_000, "an integer from 1 to 1000000"),
+    "max_handshakes": (lambda v: 1 <= v <= 100_000, "an integer from 1 to 100000"),
+    "handshake_timeout": (lambda v: 0.1 <= v <= 60, "seconds from 0.1 to 60"),
+    "max_inflight": (lambda v: 1 <= v <= 1_000_000, "an integer from 1 to 1000000"),
 }
 
 _FIELD_TYPES = {f.name: f.type for f in fields(Config)}

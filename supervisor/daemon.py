@@ -153,7 +153,7 @@ class Daemon:
         self.journal.clear()
 
     def _announce(self) -> None:
-        url = url_for(self.cfg.host, self.front.port, self.token)
+        url = url_for(self.cfg.host, self.front.port, self.token, tls=self.front.tls is not None)
         self.paths.write_info({
             "pid": os.getpid(), "host": self.cfg.host, "port": self.front.port, "url": url,
             "token_file": self.paths.token_file, "started_at": self.started_at, "version": __version__,
@@ -206,10 +206,12 @@ class Daemon:
         self.broker.pool.refill()
 
     def _banner(self, url: str) -> None:
+        if not sys.stdout.isatty():  # a journal or a file: never the token, only where it is
+            url = url.split("?")[0] + f"?token=$(cat {self.paths.token_file})"
         print(f"hermes-gateway {__version__} listening on {url.split('?')[0]}\n"
               f"  token file:  {self.paths.token_file}\n"
               f"  Hermes TUI:  hermes-gateway tui --runtime-dir {self.paths.root}  (make tui in the source tree)\n"
-              f"  clients:     HERMES_TUI_GATEWAY_URL='{url}'\n"
+              f'  clients:     HERMES_TUI_GATEWAY_URL="{url}"\n'
               f"  workers:     hermes-ps --runtime-dir {self.paths.root}", flush=True)
 
     # -- what operations see (ops.port.Supervised) --------------------------------

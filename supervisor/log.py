@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+
+# anything that could end a line, forge a field or hide one: quote (JSON-escaped) the value
+_NEEDS_QUOTES = re.compile(r'[\s"=\x00-\x1f\x7f-\x9f\u2028\u2029]')
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -24,11 +28,15 @@ class _Formatter(logging.Formatter):
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
         parts = [f"{stamp}.{int(record.msecs):03d}", record.levelname.lower(), record.getMessage()]
         for key, value in fields.items():
-            text = str(value)
-            if " " in text or text == "":
-                text = json.dumps(text)
-            parts.append(f"{key}={text}")
+            parts.append(f"{key}={escape(str(value))}")
         return " ".join(parts)
+
+
+def escape(text: str) -> str:
+    """A value as one token of a key=value line: quoted with JSON escapes when it is not a plain word."""
+    if text == "" or _NEEDS_QUOTES.search(text):
+        return json.dumps(text)
+    return text
 
 
 logger = logging.getLogger("hermes.gateway")
@@ -93,3 +101,14 @@ class Throttled:
             fields["suppressed_since_last"] = self.suppressed
             self.suppressed = 0
         warning(name, **fields)
+
+
+_throttles: dict[str, Throttled] = {}
+
+
+def throttled(key: str) -> Throttled:
+    """The shared Throttled for one kind of peer-provoked warning (auth, handshake, accept)."""
+    t = _throttles.get(key)
+    if t is None:
+        t = _throttles[key] = Throttled()
+    return t

@@ -96,7 +96,7 @@ def wait_for(pred, timeout: float = 10.0, interval: float = 0.05, what: str = "c
 
 
 def start_gateway(tmp: Path, *extra: str, env: dict | None = None, wait: bool = True,
-                  runtime_dir: Path | None = None, data_dir: Path | None = None) -> Gateway:
+                  runtime_dir: Path | None = None, data_dir: Path | None = None, preexec=None) -> Gateway:
     runtime_dir = runtime_dir or tmp / "run"
     data_dir = data_dir or tmp / "data"
     log_path = tmp / f"gateway-{int(time.time() * 1000)}.log"
@@ -105,7 +105,8 @@ def start_gateway(tmp: Path, *extra: str, env: dict | None = None, wait: bool = 
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_GATEWAY_")}
     full_env.update(env or {})
     log = open(log_path, "wb")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+                            preexec_fn=preexec)
     gw = Gateway(proc=proc, runtime_dir=runtime_dir, data_dir=data_dir, args=args, log_path=log_path)
     _LIVE.append(gw)
     if wait:

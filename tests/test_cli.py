@@ -280,7 +280,9 @@ def test_binary_starts_on_embedded_defaults(tmp_dirs, stopper):
     banner = gw.log()
     assert f"listening on ws://127.0.0.1:{gw.port}/api/ws" in banner
     assert str(runtime_dir / "token") in banner
-    assert f"HERMES_TUI_GATEWAY_URL='{gw.url}'" in banner
+    # not a terminal (a journal, a file): the banner says where the token is, never the token (issue 14 #11)
+    assert f'HERMES_TUI_GATEWAY_URL="{gw.url.split("?")[0]}?token=$(cat {runtime_dir / "token"})"' in banner
+    assert gw.token not in banner
 
     async def go():
         c = await Client.open(gw.url)

@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             # refused before anything is read or written there; from here on, the resolved paths only
             cfg.runtime_dir = dirs.private_dir(cfg.runtime_dir, "runtime dir")
             cfg.data_dir = dirs.private_dir(cfg.data_dir, "data dir")
-        except (config_mod.ConfigError, dirs.UnsafeDir) as exc:
+            from supervisor.clients import exposure
+
+            exposure.settle(cfg)  # bind, TLS, --token-file; HERMES_GATEWAY_TOKEN leaves the environment
+        except (config_mod.ConfigError, dirs.UnsafeDir, ValueError) as exc:
             print(f"hermes-gateway: error: {exc}", file=sys.stderr)
             return 2
         from supervisor import daemon

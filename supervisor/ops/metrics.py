@@ -15,14 +15,12 @@ import time
 from collections import Counter
 from http import HTTPStatus
 from typing import Iterator
-from urllib.parse import parse_qs, urlsplit
 
 import psutil
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
-from websockets.asyncio.server import ServerConnection
-from websockets.http11 import Request, Response
+from aiohttp import web
 
 from protocol import __version__
 from supervisor.ops.control import with_figures
@@ -123,15 +121,15 @@ class Metrics:
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
 
-    def allowed(self, connection: ServerConnection, request: Request) -> tuple[bool, HTTPStatus, str]:
+    def allowed(self, request: web.Request) -> tuple[bool, HTTPStatus, str]:
         cfg = self.gateway.cfg
         if cfg.metrics_auth == "loopback":
-            host = _peer_host(connection)
+            host = request.remote or ""
             if _is_loopback(host):
                 return True, HTTPStatus.OK, ""
             return False, HTTPStatus.FORBIDDEN, "forbidden: /metrics is loopback-only (--metrics-auth loopback)\n"
         token = self.gateway.token.encode()
-        supplied = parse_qs(urlsplit(request.path).query).get("token", [""])[0]
+        supplied = request.query.get("token", "")
         auth = request.headers.get("Authorization", "")
         if auth[:7].lower() == "bearer ":
             supplied = auth[7:].strip()
@@ -139,27 +137,13 @@ class Metrics:
             return True, HTTPStatus.OK, ""
         return False, HTTPStatus.UNAUTHORIZED, "unauthorized: give the gateway token (?token= or Authorization: Bearer)\n"
 
-    def handle(self, connection: ServerConnection, request: Request) -> Response:
-        ok, status, why = self.allowed(connection, request)
+    async def handle(self, request: web.Request) -> web.Response:
+        ok, status, why = self.allowed(request)
         if not ok:
-            response = connection.respond(status, why)
-            if status == HTTPStatus.UNAUTHORIZED:
-                response.headers["WWW-Authenticate"] = 'Bearer realm="hermes-gateway"'
-            return response
+            headers = {"WWW-Authenticate": 'Bearer realm="hermes-gateway"'} if status == HTTPStatus.UNAUTHORIZED else {}
+            return web.Response(status=status, text=why, headers=headers)
         body, content_type = self.render(request.headers.get("Accept"))
-        response = connection.respond(HTTPStatus.OK, body.decode())
-        del response.headers["Content-Type"]
-        response.headers["Content-Type"] = content_type
-        response.headers["Cache-Control"] = "no-store"
-        return response
-
-
-def _peer_host(connection: ServerConnection) -> str:
-    try:
-        addr = connection.remote_address
-        return str(addr[0]) if addr else ""
-    except Exception:
-        return ""
+        return web.Response(status=200, body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
 
 def _is_loopback(host: str) -> bool:

@@ -32,12 +32,12 @@ class Rig:
         self.tag = secrets.token_hex(6)
         self.started: list[Gateway] = []
 
-    def start(self, *flags: str, name: str = "gw") -> Gateway:
+    def start(self, *flags: str, name: str = "gw", preexec=None) -> Gateway:
         """A gateway in <root>/<name>; starting the same name again reuses its dirs (a restart) and tag."""
         d = self.root / name
         d.mkdir(exist_ok=True)
         tag = f"{self.tag}-{name}"
-        gw = start_gateway(d, *flags, env={TAG_ENV: tag, "SPT_NOENV": "1"})
+        gw = start_gateway(d, *flags, env={TAG_ENV: tag, "SPT_NOENV": "1"}, preexec=preexec)
         gw.chaos_tag = tag
         self.started.append(gw)
         return gw
