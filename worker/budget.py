@@ -2,10 +2,11 @@
 
 The broker's stop ladder asks first, SIGTERMs the worker's group at stop_timeout / 2
 and SIGKILLs it at stop_timeout (supervisor/broker/ladder.py). The worker takes a
-SIGTERM as "stop now" and keeps finalizing, so the hard limit is the SIGKILL; every
-wait below together stays inside 60% of stop_timeout, leaving the rest for the
-process to exit and the broker to see it. With the default 5 s these are the
-fixed waits the worker used before (1 s, 1 s, 2 s).
+SIGTERM as "stop now" and keeps finalizing, so the hard limit is the SIGKILL. A stop
+waits for the calls thread and then for one runtime's own step (the builtin runtime's
+turn, or Hermes' close): at most 20% + 40% of stop_timeout, leaving the rest for the
+process to exit and the broker to see it. With the default 5 s these are the fixed
+waits the worker used before (1 s, 1 s, 2 s).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 A stop is marked at once (`Worker.stopping`), so no call can re-attach a stopping
 worker, and runs once however many callers ask for it. The worker is told
-`stop_timeout` when it starts and keeps its finalize inside the first half of it
-(worker/budget.py), so the SIGTERM at half-time only reaches a worker that is stuck.
+`stop_timeout` when it starts and keeps its own waits within 60% of it
+(worker/budget.py); it takes the SIGTERM at half-time as "stop now", so only a
+worker that is stuck meets the SIGKILL.
 One log line per stop, whatever the path. The end of a session whose worker could
 not finalize (killed, crashed) is noted to the lobby, which records it in the store.
 """
