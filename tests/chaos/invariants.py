@@ -337,6 +337,21 @@ class Checker:
     def resources(self) -> Resources:
         return resources(self.gw.pid)
 
+    async def baseline(self, quiet: float = 0.3, timeout: float = 5.0) -> Resources:
+        """The broker's threads and fds once they hold still for `quiet` s: a connection of an earlier
+        scenario that is still being torn down must not be counted as part of the baseline."""
+        last = self.resources()
+        since = time.monotonic()
+        deadline = since + timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            now = self.resources()
+            if (now.threads, now.fds) != (last.threads, last.fds):
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                break
+        return last
+
     async def back_to(self, base: Resources, warm_rss: int | None = None, timeout: float = 10.0) -> Resources:
         seen = [self.resources()]
 

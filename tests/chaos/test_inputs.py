@@ -320,7 +320,7 @@ class Bystander:
 def _fuzz(rig, gw, tally: Tally, examples: int) -> None:
     chk = Checker(gw, tally)
     run(chk.processes(set()))
-    base = chk.resources()
+    base = run(chk.baseline())
     log_start = len(gw.log())
     fz = Fuzzer(gw.url)
     by = Bystander(gw.url)
@@ -407,7 +407,7 @@ def _forge(rig, gw, tally: Tally, examples: int) -> None:
     """A local process sends garbage, truncated and lying msgpack frames: logged, dropped, nothing else."""
     chk = Checker(gw, tally)
     run(chk.processes(set()))
-    base = chk.resources()
+    base = run(chk.baseline())
     dropped_before = _dropped_frames(gw)
     log_start = len(gw.log())
     log_drops = gw.log().count("dropped")

@@ -51,7 +51,7 @@ def _crowd(rig, gw, tally: Tally, clients: int, cycles: int, warmup: int = 0) ->
 
     async def go():
         await chk.processes(set())
-        base = chk.resources()
+        base = await chk.baseline()
         warm_rss = None
         for cycle in range(cycles):
             t0 = time.monotonic()
@@ -177,7 +177,7 @@ def _slow(rig, gw, tally: Tally, words: int, cycles: int) -> None:
 
     async def go():
         await chk.processes(set())
-        base = chk.resources()
+        base = await chk.baseline()
         observer = await Tracked.open(gw.url)
         keys: list[str] = []
         for cycle in range(cycles):
@@ -293,7 +293,7 @@ def _storm(rig, gw, tally: Tally, clients_n: int, seconds: float, warmup: float)
 
     async def go():
         await chk.processes(set())
-        base = chk.resources()
+        base = await chk.baseline()
         warm: list[Tracked] = []
         await asyncio.gather(*(_stormer(gw, i, time.monotonic() + warmup, warm, tally) for i in range(clients_n)))
         await chk.processes(set(), timeout=30)

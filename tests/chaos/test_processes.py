@@ -60,7 +60,7 @@ def _worker_kill(rig, gw, tally: Tally, cycles: int) -> None:
 
     async def go():
         await chk.processes(set())
-        base = chk.resources()
+        base = await chk.baseline()
         observer = await Tracked.open(gw.url)
         clients = []
         for i in range(cycles):

@@ -108,7 +108,7 @@ def _scenario(rig, gw, tally: Tally, mode: str, cycles: int, n: int) -> None:
 
     async def go():
         await chk.processes(set())
-        base = chk.resources()
+        base = await chk.baseline()
         proxy = await Proxy(gw.port).start()
         observer = await Tracked.open(gw.url)
         clients: list[Tracked] = []
