@@ -245,7 +245,7 @@ def test_requests_in_flight_are_capped_per_connection_and_the_connection_stays_u
     async def go():
         c = await Client.open(gw.url)
         sid = await c.create()
-        calls = [c.request("slash.exec", {"session_id": sid, "command": "/sleep 1"}, timeout=40)
+        calls = [c.request("slash.exec", {"session_id": sid, "command": "/sleep 0.3"}, timeout=40)
                  for _ in range(20)]
         await asyncio.sleep(0)
         answers = await asyncio.gather(*calls)
