@@ -29,6 +29,7 @@ class Daemon:
         self.broker = Broker(cfg, self.paths, self.journal)
         self.gateway = Gateway(self.broker)
         self.front: Front | None = None
+        self.dashboard = None  # supervisor.dashboard.keeper.DashboardKeeper with --dashboard
         self.token = ""
         self.stopping = asyncio.Event()
         self.started_at = time.time()
@@ -61,6 +62,11 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.broker.start()
         await self.front.start()
+        if self.cfg.dashboard:
+            from supervisor.dashboard.wiring import start_dashboard
+            if not await start_dashboard(self):
+                await self.shutdown()
+                return 2
         if not await self.broker.lobby_ready():
             log.error("lobby worker did not register; global methods will fail until it does")
         url = url_for(self.cfg.host, self.front.port, self.token, tls=self.front.tls is not None)
