@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import aiohttp
 import psutil
 import pytest
 
-from tests.conftest import pid_alive, run, wait_for
+from tests.conftest import BIN, pid_alive, run, wait_for
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("hermes_cli") is None,
                                 reason="hermes-agent (the hermes extra) is not installed: make test installs it")
@@ -83,6 +85,10 @@ def test_dashboard_pages_rest_and_pty_through_the_gateway_and_reaped_after_grace
         # the TUI in the PTY dials the gateway's /api/ws and registers a session on a gateway worker
         await asyncio.to_thread(wait_for, lambda: _tuis(child), 30, 0.2, "a node TUI under the dashboard child")
         await asyncio.to_thread(wait_for, lambda: gw.session_workers(), 30, 0.2, "the TUI's session worker")
+        ps = await asyncio.to_thread(subprocess.run, [str(BIN / "hermes-ps"), "-a", "--runtime-dir", str(gw.runtime_dir)],
+                                     capture_output=True, text=True, timeout=20)
+        assert re.search(rf"^\(dashboard\)\s+{child.pid}\s+serving", ps.stdout, re.M), ps.stdout
+        assert "(dashboard-pty)" in ps.stdout, ps.stdout
         hold.set()
         await tab
         return _tuis(child)

@@ -25,6 +25,7 @@ import zmq
 
 from protocol import __version__
 from supervisor import log
+from supervisor.dashboard import rows as dashboard_rows
 from supervisor.ops.sampler import Figures, Sampler
 
 if TYPE_CHECKING:
@@ -179,13 +180,15 @@ class ControlServer:
         }
 
     def targets(self) -> list[tuple[int, float]]:
-        return [(w.pid, w.create_time) for w in self.broker.workers.values() if w.pid]
+        return [(w.pid, w.create_time) for w in self.broker.workers.values() if w.pid] + \
+            dashboard_rows.targets(self.daemon.dashboard)
 
     async def list(self, req: dict) -> dict:
         await self.sampler.sample(self.targets())  # fresh memory/threads/fds; CPU% from the background pass
         now, wall = time.monotonic(), time.time()
         figs = self.sampler.figures
         rows = [worker_row(w, now, wall, figs.get(w.pid)) for w in list(self.broker.workers.values())]
+        rows += dashboard_rows.rows(self.daemon.dashboard, wall, figs)
         return {"gateway": self.gateway_info(), "workers": rows}
 
     async def stats(self, req: dict) -> dict:
