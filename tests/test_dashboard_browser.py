@@ -80,6 +80,14 @@ def test_chat_in_a_browser_refreshes_keep_one_session_and_closing_reaps_everythi
                 raise
             wait_for(lambda: len(gw.session_workers()) >= 1, 10, what="the TUI's session worker")
             stable = set(gw.session_workers())
+            feeds: list[list[str]] = []  # frames of each page's /api/events, newest page last
+
+            def on_ws(ws) -> None:
+                if "/api/events" in ws.url:
+                    frames: list[str] = []
+                    feeds.append(frames)
+                    ws.on("framereceived", lambda payload: frames.append(str(payload)))
+            page.on("websocket", on_ws)
             for _ in range(5):
                 page.reload(wait_until="load")
                 page.wait_for_selector(".xterm-rows", timeout=30000)
@@ -90,6 +98,17 @@ def test_chat_in_a_browser_refreshes_keep_one_session_and_closing_reaps_everythi
                 wait_for(lambda: len(gw.session_workers()) <= 2, 10, 0.2, "at most the TUI's and the sidebar's worker")
                 stable &= set(gw.session_workers())
                 assert len(stable) == 1 and len(_tuis(gw)) == 1, (stable, gw.session_workers(), _tuis(gw))
+            # better than Hermes alone: the refreshed page's sidebar feed gets the reattached chat's events
+            wait_for(lambda: feeds, 10, what="the refreshed page's /api/events")
+            before = len(feeds[-1])
+            again = f"and again {marker}"
+            page.locator(".xterm-helper-textarea").first.focus()
+            page.keyboard.type(again, delay=20)
+            wait_for(lambda: again in _screen(page), 10, 0.2, "the second prompt in the page")
+            page.wait_for_timeout(300)
+            page.keyboard.press("Enter")
+            wait_for(lambda: _screen(page).count(again) >= 2, 40, 0.3, "the second reply")
+            wait_for(lambda: len(feeds[-1]) > before, 10, 0.2, "events on the refreshed page's /api/events")
             for _ in range(2):  # cleared storage: a new attach token, so a new PTY and TUI
                 page.evaluate("() => { localStorage.clear(); sessionStorage.clear(); }")
                 page.reload(wait_until="load")

@@ -120,3 +120,67 @@ def test_dead_or_restarting_child_answers_502_with_a_reason():
             await front.cleanup()
 
     asyncio.run(main())
+
+
+def test_a_reattached_chats_events_reach_the_refreshed_page():
+    """Hermes' PTY publishes to the first page's channel forever; the refreshed page's feed must get them too."""
+    async def main():
+        subs: dict[str, list[web.WebSocketResponse]] = {}
+
+        async def events(request: web.Request) -> web.WebSocketResponse:
+            sock = web.WebSocketResponse()
+            await sock.prepare(request)
+            subs.setdefault(request.query["channel"], []).append(sock)
+            async for _ in sock:
+                pass
+            return sock
+
+        async def pub(request: web.Request) -> web.WebSocketResponse:
+            sock = web.WebSocketResponse()
+            await sock.prepare(request)
+            async for msg in sock:
+                for sub in subs.get(request.query["channel"], []):
+                    await sub.send_str(msg.data)
+            return sock
+
+        async def pty(request: web.Request) -> web.WebSocketResponse:
+            sock = web.WebSocketResponse()
+            await sock.prepare(request)
+            async for _ in sock:
+                pass
+            return sock
+
+        app = web.Application()
+        app.router.add_get("/api/events", events)
+        app.router.add_get("/api/pub", pub)
+        app.router.add_get("/api/pty", pty)
+        up = web.AppRunner(app)
+        await up.setup()
+        site = web.TCPSite(up, "127.0.0.1", 0)
+        await site.start()
+        up_port = site._server.sockets[0].getsockname()[1]
+        proxy = DashboardProxy(lambda: f"http://127.0.0.1:{up_port}", lambda: "unused", lambda: 9999)
+        front, port = await _front(proxy)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            async with aiohttp.ClientSession() as s:
+                # first page: its PTY (attach token T) publishes to chat-1 for the rest of its life
+                pty1 = await s.ws_connect(base + "/api/pty?channel=chat-1&attach=T")
+                publisher = await s.ws_connect(base + "/api/pub?channel=chat-1")
+                await pty1.close()
+                # the refreshed page: a new channel, the same attach token
+                feed = await s.ws_connect(base + "/api/events?channel=chat-2")
+                pty2 = await s.ws_connect(base + "/api/pty?channel=chat-2&attach=T")
+                await asyncio.sleep(0.2)
+                await publisher.send_str('{"type":"message.delta"}')
+                msg = await feed.receive(timeout=5)
+                assert msg.data == '{"type":"message.delta"}'
+                await pty2.close()
+                await publisher.close()
+                await feed.close()
+        finally:
+            await proxy.close()
+            await front.cleanup()
+            await up.cleanup()
+
+    asyncio.run(main())

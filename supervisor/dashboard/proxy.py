@@ -22,6 +22,7 @@ _DROP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization"
 _WS_DROP = _DROP | {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
                     "sec-websocket-protocol", "sec-websocket-accept"}
 MAX_MSG = 4 * 1024 * 1024
+MAX_CHATS = 1000  # attach tokens remembered for the channel follow-up below
 
 
 class DashboardProxy:
@@ -31,6 +32,10 @@ class DashboardProxy:
         self.unavailable = unavailable
         self.public_port = public_port
         self._session: aiohttp.ClientSession | None = None
+        # A reattached PTY keeps publishing to the channel of the page that spawned it (a Hermes bug);
+        # remember each attach token's first channel and the newest page's, and tee /api/pub there too.
+        self._first: dict[str, str] = {}
+        self._latest: dict[str, str] = {}
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -56,6 +61,8 @@ class DashboardProxy:
         if base is None:
             return _bad_gateway(self.unavailable())
         url = base + request.rel_url.raw_path_qs
+        if request.path == "/api/pty":
+            self._note_chat(request.query.get("attach", ""), request.query.get("channel", ""))
         try:
             if request.headers.get("Upgrade", "").lower() == "websocket":
                 return await self._ws(request, url)
@@ -94,7 +101,10 @@ class DashboardProxy:
         except Exception:
             await up.close()
             raise
-        to_child = asyncio.create_task(_pump(down, up))
+        if request.path == "/api/pub":
+            to_child = asyncio.create_task(self._pump_pub(down, up, request))
+        else:
+            to_child = asyncio.create_task(_pump(down, up))
         to_browser = asyncio.create_task(_pump(up, down))
         try:
             await asyncio.wait({to_child, to_browser}, return_when=asyncio.FIRST_COMPLETED)
@@ -105,6 +115,45 @@ class DashboardProxy:
             code = up.close_code if up.closed and up.close_code else (down.close_code or 1000)
             await asyncio.gather(_close(up, down.close_code or 1000), _close(down, code), return_exceptions=True)
         return down
+
+    def _note_chat(self, attach: str, channel: str) -> None:
+        if not attach or not channel:
+            return
+        first = self._first.setdefault(attach, channel)
+        if channel != first:
+            self._latest[first] = channel
+        while len(self._first) > MAX_CHATS:
+            self._latest.pop(self._first.pop(next(iter(self._first))), None)
+
+    async def _pump_pub(self, down: web.WebSocketResponse, up, request: web.Request) -> None:
+        """The PTY's events go to its own channel and to the newest page that reattached to it."""
+        channel = request.query.get("channel", "")
+        extra: dict[str, aiohttp.ClientWebSocketResponse] = {}
+        try:
+            async for msg in down:
+                if msg.type != WSMsgType.TEXT:
+                    break
+                await up.send_str(msg.data)
+                latest = self._latest.get(channel)
+                if latest is None:
+                    continue
+                ws = extra.get(latest)
+                if ws is None or ws.closed:
+                    base = self.base_url()
+                    if base is None:
+                        continue
+                    query = {**request.query, "channel": latest}
+                    try:
+                        ws = await self._client().ws_connect(
+                            base + str(request.rel_url.with_query(query)),
+                            headers=self._headers(request, _WS_DROP), max_msg_size=MAX_MSG)
+                    except (aiohttp.ClientError, OSError):
+                        continue
+                    extra[latest] = ws
+                await ws.send_str(msg.data)
+        finally:
+            for ws in extra.values():
+                await ws.close()
 
 
 async def _pump(src, dst) -> None:
