@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 TSTAMP  := $(VENV)/.installed-test
 
-.PHONY: run test tmux chaos bench clean tui
+.PHONY: run test tmux chromium chaos bench clean tui
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,15 @@ tmux:
 	      apt-get install -y -q tmux >/dev/null 2>&1; } || echo "note: apt-get could not install tmux: the TUI tests will skip"; \
 	  else echo "note: tmux is missing and we are not root: the TUI tests will skip"; fi; }
 
-test: $(TSTAMP) tmux
+# the dashboard's browser test drives Debian's chromium (Playwright never downloads a browser here)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+	      apt-get install -y -q chromium >/dev/null 2>&1; } || echo "note: apt-get could not install chromium: the browser test will skip"; \
+	  else echo "note: chromium is missing and we are not root: the browser test will skip"; fi; }
+
+test: $(TSTAMP) tmux chromium
 	$(PY) -m pytest -q -rs -p no:cacheprovider
 
 # the long chaos variants (~10 min); the summary table prints at the end (CHAOS_TABLE=path also writes it there)

@@ -82,6 +82,7 @@ class Config:
     tls_cert: str = ""
     tls_key: str = ""
     token_file: str = ""  # read the token from this file (keeps it out of argv and the environment)
+    dashboard: bool = False  # serve Hermes' web dashboard on the gateway's port (docs/dashboard.md)
 
     def __post_init__(self) -> None:
         self.runtime_dir = self.runtime_dir or _default_runtime_dir()
@@ -254,7 +255,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         typ = str(f.type)
         if "bool" in typ:
-            parser.add_argument(flag, dest=f.name, default=None, metavar="BOOL", help=f"(env {env_name(f.name)})")
+            parser.add_argument(flag, dest=f.name, default=None, metavar="BOOL", nargs="?", const="true",
+                                help=f"(env {env_name(f.name)}; the bare flag means true)")
         else:
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper().split("_")[-1],
                                 help=f"default {getattr(Config(), f.name)!r} (env {env_name(f.name)})"

@@ -22,6 +22,7 @@ from supervisor.broker.views import worker_row
 from supervisor.clients.front import Front, url_for
 from supervisor.clients.gateway import Gateway
 from supervisor.config import Config
+from supervisor.dashboard import rows as dashboard_rows
 from supervisor.hooks import Hooks
 from supervisor.ops.hangup import sighup_handler
 from supervisor.ops.journal import Journal, kill_leftovers
@@ -42,6 +43,7 @@ class Daemon:
         self.broker = Broker(cfg, self.paths, self.journal)
         self.gateway = Gateway(self.broker)
         self.front: Front | None = None
+        self.dashboard = None  # supervisor.dashboard.keeper.DashboardKeeper with --dashboard
         self.token = ""
         self.stopping = asyncio.Event()
         self.started_at = time.time()
@@ -88,12 +90,17 @@ class Daemon:
         if takeover is None:
             await self.broker.start()
             await self.front.start()
+            if self.cfg.dashboard and not await self._start_dashboard():
+                await self.shutdown()
+                return 2
             if not await self.broker.lobby_ready():
                 log.error("lobby worker did not register; global methods will fail until it does")
             self._announce()
         else:  # serve at once: the clients cut off by the hand-over are reconnecting now
             await takeover.adopt(self.broker, tables)
             await self.front.start(sock=takeover.listen[0])
+            if self.cfg.dashboard:
+                await self._start_dashboard()  # a new child; the predecessor's ends with its parent
             self._announce()
             self.on_took_over.run()
         await self.on_ready.run_async()
@@ -151,6 +158,14 @@ class Daemon:
                 # the lobby records why, unless the row was ended already
                 self.broker.note_end(entry.session, "gateway_lost")
         self.journal.clear()
+
+    async def _start_dashboard(self) -> bool:
+        """--dashboard: Hermes' dashboard in a supervised child behind the front (docs/dashboard.md)."""
+        from supervisor.dashboard.wiring import start_dashboard
+
+        assert self.front is not None
+        self.dashboard = await start_dashboard(self.cfg, self.front, self.token, self.on_stopping.prepend)
+        return self.dashboard is not None
 
     def _announce(self) -> None:
         url = url_for(self.cfg.host, self.front.port, self.token, tls=self.front.tls is not None)
@@ -226,7 +241,8 @@ class Daemon:
             "config": self.cfg.public(), "stops": sum(b.reaps.values()),
             "dropped_frames": dict(b.link.dropped_frames),
         }
-        return Snapshot(gateway=gateway, workers=[worker_row(w, now, wall) for w in b.workers.values()],
+        rows = [worker_row(w, now, wall) for w in b.workers.values()] + dashboard_rows.rows(self.dashboard, wall)
+        return Snapshot(gateway=gateway, workers=rows,
                         rpc_counts=dict(self.gateway.rpc_counts),
                         rejected=dict(self.front.rejected) if self.front else {})
 
@@ -240,7 +256,8 @@ class Daemon:
         return self.broker.set_accepting(accepting)
 
     def targets(self) -> list[tuple[int, float]]:
-        return [(w.pid, w.create_time) for w in self.broker.workers.values() if w.pid]
+        return [(w.pid, w.create_time) for w in self.broker.workers.values() if w.pid] + \
+            dashboard_rows.targets(self.dashboard)
 
     async def kill(self, target: Any, reason: str) -> dict[str, Any] | None:
         b = self.broker

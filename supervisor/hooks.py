@@ -25,6 +25,10 @@ class Hooks(Generic[P]):
     def append(self, fn: Callable[P, Any]) -> None:
         self._fns.append(fn)
 
+    def prepend(self, fn: Callable[P, Any]) -> None:
+        """Run fn before the hooks already registered."""
+        self._fns.insert(0, fn)
+
     def __iadd__(self, fns: Iterable[Callable[P, Any]]) -> "Hooks[P]":
         self._fns.extend(fns)
         return self

@@ -226,3 +226,11 @@ def _wait_gone(pid: int, timeout: float = 2.0) -> int | None:
             return None
     except psutil.Error:
         return None
+
+
+def hermes_home_environment(worker_config: dict) -> dict[str, str]:
+    """The HERMES_HOME a worker of this configuration sees (worker/hermes_home.py prepares it): what the
+    dashboard child must see too, so its TUIs and the workers share one Hermes configuration."""
+    from worker.hermes_home import prepare
+
+    return prepare(worker_config)

@@ -24,7 +24,7 @@ SORT_FIELDS = {
     "heartbeat": "heartbeat_age", "heartbeat_age": "heartbeat_age",
 }
 TEXT_FIELDS = {"session", "key", "kind", "state"}
-KIND_ORDER = {"lobby": 0, "spare": 1, "session": 2}
+KIND_ORDER = {"lobby": 0, "spare": 1, "session": 2, "dashboard": 3, "dashboard-pty": 4}
 
 
 class NotRunning(Exception):

@@ -91,7 +91,8 @@ class GatewayCollector:
         yield rss
         yield uss
         yield GaugeMetricFamily(f"{NS}_heartbeat_age_max_seconds", "Longest silence of any live worker",
-                                value=max((r["heartbeat_age"] for r in rows if r["pid"] and not r["stopping"]),
+                                value=max((r["heartbeat_age"] for r in rows  # the dashboard's rows have none
+                                           if r["pid"] and not r["stopping"] and r["heartbeat_age"] is not None),
                                           default=0.0))
 
         try:

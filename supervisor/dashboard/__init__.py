@@ -1,0 +1,1 @@
+"""Hermes' own web dashboard served through the gateway's port (docs/dashboard.md)."""
