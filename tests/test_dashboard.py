@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import importlib.util
 import os
 import re
@@ -89,6 +90,17 @@ def test_dashboard_pages_rest_and_pty_through_the_gateway_and_reaped_after_grace
                                      capture_output=True, text=True, timeout=20)
         assert re.search(rf"^\(dashboard\)\s+{child.pid}\s+serving", ps.stdout, re.M), ps.stdout
         assert "(dashboard-pty)" in ps.stdout, ps.stdout
+        # the chaos suite's invariant with --dashboard: hermes-ps lists exactly the processes that run
+
+        def agrees() -> bool:
+            out = subprocess.run([str(BIN / "hermes-ps"), "-a", "--json", "--runtime-dir", str(gw.runtime_dir)],
+                                 capture_output=True, text=True, timeout=20)
+            rows = json.loads(out.stdout)["workers"]
+            tree = {child.pid} | {p.pid for p in child.children(recursive=True) if pid_alive(p.pid)}
+            return ({r["pid"] for r in rows if r["kind"].startswith("dashboard")} == tree
+                    and {r["pid"] for r in rows if not r["kind"].startswith("dashboard")} == set(gw.workers()))
+
+        await asyncio.to_thread(wait_for, agrees, 10, 0.2, "hermes-ps -a to agree with the process table")
         hold.set()
         await tab
         return _tuis(child)
