@@ -29,20 +29,20 @@ $(TSTAMP): $(STAMP) pyproject.toml
 	@if $(PY) -m pip install -q -e '.[test,hermes]'; then touch $(TSTAMP); \
 	else echo "note: could not install the hermes extra: the hermes runtime and TUI tests will skip"; fi
 
-tmux:
-	@command -v tmux >/dev/null 2>&1 || { \
+# a Debian package a test needs, installed as root with apt-get (after one `apt-get update` if the first try
+# fails); otherwise a note, and the tests that need it skip with the reason: $(call apt_tool,COMMAND,WHO NEEDS IT)
+apt_tool = @command -v $(1) >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get install -y -q tmux >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
-	      apt-get install -y -q tmux >/dev/null 2>&1; } || echo "note: apt-get could not install tmux: the TUI tests will skip"; \
-	  else echo "note: tmux is missing and we are not root: the TUI tests will skip"; fi; }
+	    apt-get install -y -q $(1) >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+	      apt-get install -y -q $(1) >/dev/null 2>&1; } || echo "note: apt-get could not install $(1): $(2) will skip"; \
+	  else echo "note: $(1) is missing and we are not root: $(2) will skip"; fi; }
+
+tmux:
+	$(call apt_tool,tmux,the TUI tests)
 
 # the dashboard's browser test drives Debian's chromium (Playwright never downloads a browser here)
 chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
-	      apt-get install -y -q chromium >/dev/null 2>&1; } || echo "note: apt-get could not install chromium: the browser test will skip"; \
-	  else echo "note: chromium is missing and we are not root: the browser test will skip"; fi; }
+	$(call apt_tool,chromium,the browser test)
 
 test: $(TSTAMP) tmux chromium
 	$(PY) -m pytest -q -rs -p no:cacheprovider
