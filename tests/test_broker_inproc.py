@@ -135,18 +135,22 @@ def test_backoff_doubles_while_young_and_resets_after_a_good_run() -> None:
 
 
 def test_a_fork_server_that_keeps_dying_is_restarted_once_at_once_then_after_a_backoff() -> None:
+    """Killed while serving (its workers registered): restarted at once, however young. Dying again before
+    any worker of it registered (a crash loop: a broken preload, say): the next start waits."""
     async def main() -> None:
         async with running_broker() as r:
             launcher = r.broker.launcher
             first = launcher.pid
+            assert r.broker.lobby.ready  # it served: its lobby registered
             os.kill(first, signal.SIGKILL)
-            for _ in range(100):
-                await asyncio.sleep(0.01)
-                if launcher.pid not in (0, first) and r.broker.lobby is not None and r.broker.lobby.pid:
+            for _ in range(2000):
+                await asyncio.sleep(0.001)
+                if launcher.pid not in (0, first):
                     break
             second = launcher.pid
             assert second not in (0, first), "not restarted at once"
-            os.kill(second, signal.SIGKILL)  # again, within seconds of its start: now it waits
+            assert not r.broker.pool.launcher_served  # nothing of the new one registered yet
+            os.kill(second, signal.SIGKILL)  # again, before any worker of it said hello: now it waits
             await asyncio.sleep(0.4)
             assert launcher.pid == second and launcher.sock is None
             assert r.broker.pool.launcher_backoff.delay == 1.0

@@ -46,6 +46,9 @@ class Backoff:
     delay: float = 0.0
     strikes: int = 0
 
+    def reset(self) -> None:
+        self.strikes, self.delay = 0, 0.0
+
     def next(self, started_at: float, now: float) -> float:
         if now - started_at >= self.young:
             self.strikes, self.delay = 0, 0.0
@@ -75,6 +78,7 @@ class Pool:
         self.lobby_backoff = Backoff()
         self.launcher_backoff = Backoff(free_first=True)
         self.launcher_started_at = time.monotonic()
+        self.launcher_served = False  # a worker it launched registered since it (re)started: not a crash loop
         self._ident = 0
 
     # -- starting workers ---------------------------------------------------------
@@ -118,6 +122,8 @@ class Pool:
                 w.hello.exception()
 
     def on_hello(self, w: Worker) -> None:
+        if w.zygote and w.zygote == self.launcher.pid:
+            self.launcher_served = True
         if w.kind == lifecycle.SPARE and not w.stopping:
             self.spares.append(w)
 
@@ -144,7 +150,14 @@ class Pool:
             respawn()
 
     def restart_launcher(self, start: Callable[[], None]) -> None:
-        """The launcher died (its workers with it): start it, the lobby and the pool again, with backoff."""
+        """The launcher died (its workers with it): start it, the lobby and the pool again, with backoff.
+
+        A launcher whose workers registered was serving, not crash-looping (killed from outside, say):
+        it is restarted at once however young it was. The backoff is for one that dies before any
+        worker of it said hello (an import error, a broken preload)."""
+        if self.launcher_served:
+            self.launcher_backoff.reset()
+        self.launcher_served = False
         delay = self.launcher_backoff.next(self.launcher_started_at, time.monotonic())
 
         def again() -> None:
