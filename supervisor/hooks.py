@@ -8,7 +8,7 @@ shutdown sequence never depend on what operations code hung off them.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable, Generic, Iterable, ParamSpec
+from typing import Any, Awaitable, Callable, Generic, ParamSpec
 
 from supervisor import log
 
@@ -28,10 +28,6 @@ class Hooks(Generic[P]):
     def prepend(self, fn: Callable[P, Any]) -> None:
         """Run fn before the hooks already registered."""
         self._fns.insert(0, fn)
-
-    def __iadd__(self, fns: Iterable[Callable[P, Any]]) -> "Hooks[P]":
-        self._fns.extend(fns)
-        return self
 
     def __len__(self) -> int:
         return len(self._fns)

@@ -65,6 +65,14 @@ async def _open_pty(port: int, token: str, attach: str, hold: asyncio.Event) -> 
         await ws.close()
 
 
+async def _tab_with_tui(gw, name: str, hold: asyncio.Event):
+    """A browser tab's PTY (held open until `hold` is set), the dashboard child, and the node TUI in it."""
+    tab = asyncio.create_task(_open_pty(gw.port, gw.token, name, hold))
+    child = _child(gw)
+    tuis = await asyncio.to_thread(wait_for, lambda: _tuis(child), 30, 0.2, "a node TUI")
+    return tab, child, tuis
+
+
 def test_dashboard_pages_rest_and_pty_through_the_gateway_and_reaped_after_grace(gateway_factory):
     gw = gateway_factory("--dashboard", "--reap-grace", GRACE)
     base = f"http://127.0.0.1:{gw.port}"
@@ -116,14 +124,8 @@ def test_sigkilled_child_is_restarted_with_502_meanwhile_and_its_tuis_stopped(ga
     gw = gateway_factory("--dashboard", "--reap-grace", "30")
     hold = asyncio.Event()
 
-    async def open_tab():
-        tab = asyncio.create_task(_open_pty(gw.port, gw.token, "tab-k", hold))
-        child = _child(gw)
-        tuis = await asyncio.to_thread(wait_for, lambda: _tuis(child), 30, 0.2, "a node TUI")
-        return tab, child, tuis
-
     async def main():
-        tab, child, tuis = await open_tab()
+        tab, child, tuis = await _tab_with_tui(gw, "tab-k", hold)
         child.send_signal(signal.SIGKILL)
         async with aiohttp.ClientSession() as s:
             async with s.get(f"http://127.0.0.1:{gw.port}/api/status") as r:
@@ -149,14 +151,8 @@ def test_sigkilled_gateway_takes_the_child_and_its_ptys_within_2s(gateway_factor
     gw = gateway_factory("--dashboard", "--reap-grace", "30")
     hold = asyncio.Event()
 
-    async def main():
-        tab = asyncio.create_task(_open_pty(gw.port, gw.token, "tab-g", hold))
-        child = _child(gw)
-        tuis = await asyncio.to_thread(wait_for, lambda: _tuis(child), 30, 0.2, "a node TUI")
-        return tab, child, tuis
-
     async def scenario():
-        tab, child, tuis = await main()
+        tab, child, tuis = await _tab_with_tui(gw, "tab-g", hold)
         os.kill(gw.pid, signal.SIGKILL)
         t0 = time.monotonic()
         await asyncio.to_thread(wait_for, lambda: not pid_alive(child.pid) and not any(pid_alive(p.pid) for p in tuis),
