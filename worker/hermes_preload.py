@@ -34,6 +34,8 @@ _WARM = (
     "hermes_cli.projects_db", "hermes_cli.sqlite_util", "packaging.specifiers", "packaging.tags", "packaging.version",
     "psutil", "resource", "tools.computer_use.cua_backend", "tools.hook_output_spill", "tools.lazy_deps",
     "tools.schema_sanitizer", "tui_gateway._stdin_recovery", "xml.sax",
+    # what the slash worker imports (worker/slash_fork.py forks it from here): HermesCLI and its console
+    "hermes_bootstrap", "cli", "rich.console", "tools.ansi_strip",
 )
 
 
