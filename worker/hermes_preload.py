@@ -112,6 +112,9 @@ try:
         print(f"hermes-runtime: environment probe failed: {_exc}", file=sys.stderr, flush=True)
     _warm_caches()
     _rehearse_slash()
+    from worker import hermes_tls
+
+    hermes_tls.install()
 finally:
     threading.Thread.start = _real_start  # type: ignore[method-assign]
 
