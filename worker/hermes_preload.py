@@ -10,6 +10,8 @@ imports this once; every worker forked from it shares the warm heap.
 from __future__ import annotations
 
 import importlib
+import logging
+import logging.handlers
 import sys
 import threading
 
@@ -65,6 +67,36 @@ def _warm_caches() -> None:
         root.removeHandler(quiet)
 
 
+def _undo_logging_setup() -> None:
+    """Importing `cli` sets up Hermes' logging here: file handlers behind a QueueListener whose thread start is
+    held, and whose rebuild (a second handler) then fails to join that unstarted thread, leaving a stop sentinel
+    queued, so a worker's listener would exit at once and agent.log stay empty. Undo it: close the files, drop
+    the listener and its held thread; each worker sets logging up itself, as before (AIAgent calls setup_logging)."""
+    try:
+        import hermes_logging as hl
+    except ImportError:
+        return
+    listener = getattr(hl, "_queue_listener", None)
+    if listener is None and not getattr(hl, "_queued_file_handlers", None):
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_hermes_queue", False):
+            root.removeHandler(handler)
+    for handler in hl._queued_file_handlers:
+        handler.close()
+    hl._queued_file_handlers.clear()
+    hl._log_queue = None
+    hl._queue_listener = None
+    hl._logging_initialized = False
+    _held[:] = [t for t in _held if not _is_listener_thread(t)]
+
+
+def _is_listener_thread(t: threading.Thread) -> bool:
+    owner = getattr(getattr(t, "_target", None), "__self__", None)
+    return isinstance(owner, logging.handlers.QueueListener)
+
+
 def _rehearse_slash() -> None:
     """Build one throwaway HermesCLI and run /help in it, as a slash worker does, so its lazily filled module
     state (config, skin, command tables) is in the heap the forked slash workers share: measured, it cuts a
@@ -112,6 +144,7 @@ try:
         print(f"hermes-runtime: environment probe failed: {_exc}", file=sys.stderr, flush=True)
     _warm_caches()
     _rehearse_slash()
+    _undo_logging_setup()
     from worker import hermes_tls
 
     hermes_tls.install()

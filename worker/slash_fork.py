@@ -186,6 +186,12 @@ def _run_slash(argv: list[str]) -> int:
     sys.stdin = open(0, "r", buffering=1, closefd=False)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
+    try:  # what `import cli` does in a fresh slash worker (the fork server undid it for its workers)
+        from hermes_logging import setup_logging
+
+        setup_logging(mode="cli")
+    except Exception:
+        pass
     runpy.run_module(SLASH_MODULE, run_name="__main__", alter_sys=True)
     return 0
 
