@@ -134,7 +134,10 @@ class HermesRuntime:
 
     def _dispatch_loop(self) -> None:
         if self.config.get("kind", "spare") == "spare":  # before any call: a create waits for the rest of it
-            rehearse()
+            took = rehearse()
+            if took:
+                print(f"hermes-runtime: spare rehearsed an agent build in {took * 1000:.0f} ms", file=sys.stderr,
+                      flush=True)
         while True:
             call = self._queue.get()
             if call is None:
