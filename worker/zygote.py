@@ -170,6 +170,10 @@ class Zygote:
                 os.close(self.wake_w)
                 if config.get("runtime") == "hermes":
                     os.setpgid(0, 0)  # a group, not a session: its slash workers (forked here) can join the group
+                    # still in the broker's session, so a background group of its terminal: with `stty tostop`
+                    # a write to it would stop the worker; ignored, the write goes through
+                    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+                    signal.signal(signal.SIGTTIN, signal.SIG_IGN)
                 else:
                     guard.become_group_leader()
                 guard.set_parent_death_signal()
