@@ -469,6 +469,16 @@ async def per_session_and_concurrency(target: Target, sessions: int, concurrency
                 "cpu_ms_per_turn": round(cpu * 1000 / len(group), 1)}
         note(f"  {target.name} {len(group)} at once: all complete after {conc['all_complete_ms']} ms "
              f"(one alone: {conc['one_session_turn_ms']} ms), {conc['cpu_ms_per_turn']} ms CPU per turn")
+        # then every session runs one slash command (A started its slash workers with the sessions; B starts
+        # them now): the cost of a session that ran one (issue 13)
+        for c, sid in clients:
+            await c.call("slash.exec", {"session_id": sid, "command": "help"}, timeout=60)
+        await asyncio.sleep(2.0)
+        slashed = snapshot(target)
+        per["after_slash"] = slashed
+        per["total_uss_mib_per_session_slash"] = round((slashed["total_uss_mib"] - before["total_uss_mib"])
+                                                       / sessions, 2)
+        note(f"  {target.name} per session that ran a slash command: {per['total_uss_mib_per_session_slash']} MiB USS")
         return per, conc
     finally:
         for c, _ in clients:
@@ -532,6 +542,7 @@ ROWS = [
     ("soak wall time", "soak.seconds", "s", ""),
     ("**Per session** (live, attached, one turn)", None, "", ""),
     ("USS per session (gateway + all descendants)", "per_session.total_uss_mib_per_session", "MiB", "lower"),
+    ("USS per session that ran a slash command", "per_session.total_uss_mib_per_session_slash", "MiB", "lower"),
     ("PSS per session (gateway + all descendants)", "per_session.total_pss_mib_per_session", "MiB", "lower"),
     ("threads per session", "per_session.total_threads_per_session", "", "lower"),
     ("processes per session", "per_session.processes_per_session", "", ""),

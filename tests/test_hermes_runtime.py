@@ -50,11 +50,17 @@ def gw(fake):
 
 
 def hermes_children(worker_pid: int) -> list[psutil.Process]:
-    """The Hermes slash-worker subprocesses a worker started."""
+    """The Hermes slash workers of a worker: its descendants, and the ones the fork server forked into its group."""
     try:
         kids = psutil.Process(worker_pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != worker_pid and os.getpgid(p.pid) == worker_pid and p not in kids:
+                kids.append(p)
+        except (psutil.Error, OSError):
+            pass
     out = []
     for p in kids:
         try:

@@ -10,6 +10,8 @@ imports this once; every worker forked from it shares the warm heap.
 from __future__ import annotations
 
 import importlib
+import logging
+import logging.handlers
 import sys
 import threading
 
@@ -34,6 +36,8 @@ _WARM = (
     "hermes_cli.projects_db", "hermes_cli.sqlite_util", "packaging.specifiers", "packaging.tags", "packaging.version",
     "psutil", "resource", "tools.computer_use.cua_backend", "tools.hook_output_spill", "tools.lazy_deps",
     "tools.schema_sanitizer", "tui_gateway._stdin_recovery", "xml.sax",
+    # what the slash worker imports (worker/slash_fork.py forks it from here): HermesCLI and its console
+    "hermes_bootstrap", "cli", "rich.console", "tools.ansi_strip", "agent.skill_bundles",
 )
 
 
@@ -63,6 +67,57 @@ def _warm_caches() -> None:
         root.removeHandler(quiet)
 
 
+def _undo_logging_setup() -> None:
+    """Importing `cli` sets up Hermes' logging here: file handlers behind a QueueListener whose thread start is
+    held, and whose rebuild (a second handler) then fails to join that unstarted thread, leaving a stop sentinel
+    queued, so a worker's listener would exit at once and agent.log stay empty. Undo it: close the files, drop
+    the listener and its held thread; each worker sets logging up itself, as before (AIAgent calls setup_logging)."""
+    try:
+        import hermes_logging as hl
+    except ImportError:
+        return
+    listener = getattr(hl, "_queue_listener", None)
+    if listener is None and not getattr(hl, "_queued_file_handlers", None):
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_hermes_queue", False):
+            root.removeHandler(handler)
+    for handler in hl._queued_file_handlers:
+        handler.close()
+    hl._queued_file_handlers.clear()
+    hl._log_queue = None
+    hl._queue_listener = None
+    hl._logging_initialized = False
+    _held[:] = [t for t in _held if not _is_listener_thread(t)]
+
+
+def _is_listener_thread(t: threading.Thread) -> bool:
+    owner = getattr(getattr(t, "_target", None), "__self__", None)
+    return isinstance(owner, logging.handlers.QueueListener)
+
+
+def _rehearse_slash() -> None:
+    """Build one throwaway HermesCLI and run /help in it, as a slash worker does, so its lazily filled module
+    state (config, skin, command tables) is in the heap the forked slash workers share: measured, it cuts a
+    forked slash worker's own pages by ~2 MiB (worker/slash_fork.py). Its database handle is closed: no
+    descriptor or SQLite state of the fork server's is used by a child."""
+    import contextlib
+    import io
+
+    try:
+        from tui_gateway import slash_worker
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            cli = slash_worker.HermesCLI(model=None, compact=True, resume="gateway-rehearsal", verbose=False)
+            slash_worker._run(cli, "help")
+        db = getattr(cli, "_session_db", None)
+        if db is not None:
+            db.close()
+    except Exception as exc:  # a warm-up only
+        print(f"hermes-runtime: rehearsing a slash worker failed: {exc}", file=sys.stderr, flush=True)
+
+
 # -- import Hermes with thread starts held back (the fork server must stay single-threaded) --------
 _held: list[threading.Thread] = []
 _real_start = threading.Thread.start
@@ -88,6 +143,11 @@ try:
     except Exception as _exc:
         print(f"hermes-runtime: environment probe failed: {_exc}", file=sys.stderr, flush=True)
     _warm_caches()
+    _rehearse_slash()
+    _undo_logging_setup()
+    from worker import hermes_tls
+
+    hermes_tls.install()
 finally:
     threading.Thread.start = _real_start  # type: ignore[method-assign]
 

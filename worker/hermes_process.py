@@ -11,6 +11,7 @@ import sys
 import threading
 from typing import Any
 
+from worker import slash_fork
 from worker.hermes_preload import server
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -51,7 +52,14 @@ class GroupedSubprocess:
         return getattr(subprocess, name)
 
     @staticmethod
-    def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802 (the stdlib's name)
+    def Popen(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 (the stdlib's name)
+        argv = args[0] if args else kwargs.get("args")
+        if slash_fork.wants_fork(argv, kwargs):  # forked from the preloaded fork server (worker/slash_fork.py)
+            try:
+                return slash_fork.ForkedSlash(list(argv), env=kwargs.get("env"), cwd=kwargs.get("cwd"))
+            except OSError as exc:
+                print(f"hermes-runtime: forking the slash worker failed, starting it: {exc}", file=sys.stderr,
+                      flush=True)
         kwargs["start_new_session"] = False
         return subprocess.Popen(*args, **kwargs)
 

@@ -37,6 +37,7 @@ from worker.hermes_preload import server, start_held_threads
 from worker.hermes_process import (
     GroupedSubprocess, LazySlashWorker, become_subreaper, kill_descendants, no_update_check,
 )
+from worker.hermes_rehearsal import rehearse
 from worker.redact import Redactor
 
 # A bound worker hosts exactly one session: methods that would open a second one here are refused.
@@ -132,6 +133,11 @@ class HermesRuntime:
             self._queue.put(call)
 
     def _dispatch_loop(self) -> None:
+        if self.config.get("kind", "spare") == "spare":  # before any call: a create waits for the rest of it
+            took = rehearse()
+            if took:
+                print(f"hermes-runtime: spare rehearsed an agent build in {took * 1000:.0f} ms", file=sys.stderr,
+                      flush=True)
         while True:
             call = self._queue.get()
             if call is None:

@@ -31,7 +31,7 @@ import sys
 import msgpack
 
 from protocol.titles import ZYGOTE, set_title
-from worker import guard
+from worker import guard, slash_fork
 import worker.main  # noqa: F401  (preloaded so a fork does not pay for the import)
 
 MAX_MSG = 1024 * 1024
@@ -46,11 +46,20 @@ def _decode_status(status: int) -> int:
     return status
 
 
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 class Zygote:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.parent = os.getppid()
         self.children: set[int] = set()
+        self.helpers: dict[int, int] = {}  # slash workers forked for a worker: pid -> the worker's group
+        self.slash = slash_fork.listen()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -75,6 +84,8 @@ class Zygote:
                 except (ProcessLookupError, PermissionError):
                     pass
         self.children.clear()
+        for helper in self.helpers:
+            _kill(helper)
 
     def send(self, **msg) -> None:
         try:
@@ -87,7 +98,7 @@ class Zygote:
             if self.parent and os.getppid() != self.parent:
                 return
             try:
-                ready, _, _ = select.select([self.sock, self.wake_r], [], [], 0.5)
+                ready, _, _ = select.select([self.sock, self.wake_r, self.slash], [], [], 0.5)
             except InterruptedError:
                 ready = []
             if self.wake_r in ready:
@@ -97,6 +108,10 @@ class Zygote:
                 except BlockingIOError:
                     pass
             self.reap()
+            if self.slash in ready:
+                forked = slash_fork.serve_one(self.slash, [self.sock.fileno(), self.wake_r, self.wake_w])
+                if forked is not None:
+                    self.helpers[forked[0]] = forked[1]
             if self.sock in ready:
                 data = self.sock.recv(MAX_MSG)
                 if not data:
@@ -125,7 +140,13 @@ class Zygote:
                 return
             if pid == 0:
                 return
+            if self.helpers.pop(pid, None) is not None:
+                continue
             self.children.discard(pid)
+            if pid in self.helpers.values():  # a worker gone alone: its slash workers go with it
+                for helper, group in list(self.helpers.items()):
+                    if group == pid:
+                        _kill(helper)
             self.send(op="exited", pid=pid, status=_decode_status(status))
 
     def spawn(self, ident: bytes, config: dict) -> None:
@@ -144,9 +165,17 @@ class Zygote:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGHUP, signal.SIG_DFL)
                 self.sock.close()
+                self.slash.close()
                 os.close(self.wake_r)
                 os.close(self.wake_w)
-                guard.become_group_leader()
+                if config.get("runtime") == "hermes":
+                    os.setpgid(0, 0)  # a group, not a session: its slash workers (forked here) can join the group
+                    # still in the broker's session, so a background group of its terminal: with `stty tostop`
+                    # a write to it would stop the worker; ignored, the write goes through
+                    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+                    signal.signal(signal.SIGTTIN, signal.SIG_IGN)
+                else:
+                    guard.become_group_leader()
                 guard.set_parent_death_signal()
                 if os.getppid() != zygote_pid:
                     os._exit(1)
@@ -187,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         traceback.print_exc()
     finally:
         zygote.kill_children()
+        slash_fork.unlink()
         # nothing to flush: skip interpreter teardown, whose atexit hooks and non-daemon threads
         # (from preloaded modules such as Hermes') held a stopping gateway for seconds
         os._exit(0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -97,6 +98,13 @@ def census(gateway_pid: int, tag: str) -> Census:
     c.zygotes = sorted(zygotes)
     workers = {pid for pid, (ppid, title) in info.items() if ppid in zygotes and title.startswith("hermes-worker")}
     owner = {pid: pid for pid in workers}
+    for pid, (ppid, title) in info.items():  # slash workers the fork server forked into a worker's group
+        if ppid in zygotes and pid not in workers:
+            try:
+                if os.getpgid(pid) in workers:
+                    owner[pid] = os.getpgid(pid)
+            except OSError:
+                pass
     grew = True
     while grew:  # a worker's subprocesses (the hermes runtime's slash worker), at any depth
         grew = False
