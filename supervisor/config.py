@@ -96,7 +96,7 @@ class Config:
             "stop_timeout": self.stop_timeout,  # the worker derives its finalize waits from it (worker/budget.py)
             "background_workers": self.background_workers, "background_queue": self.background_queue,
             "store_path": os.path.join(self.data_dir, "sessions.db") if self.persist else "",
-            "data_dir": self.data_dir,
+            "data_dir": self.data_dir, "runtime_dir": self.runtime_dir,
             "openai_base_url": self.openai_base_url, "openai_model": self.openai_model,
             "openai_api_key_file": self.openai_api_key_file, "openai_timeout": self.openai_timeout,
             "openai_system_prompt": self.openai_system_prompt, "hermes_provider": self.hermes_provider,

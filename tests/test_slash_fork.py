@@ -76,10 +76,40 @@ def test_a_killed_forked_slash_worker_is_survived_and_replaced(gw):
     run(go(), 80)
 
 
+def _slash_sockets(zygote: psutil.Process) -> list[str]:
+    conns = getattr(zygote, "net_connections", None) or zygote.connections
+    return [str(c.laddr) for c in conns("unix") if os.path.basename(str(c.laddr)).startswith("slash-")]
+
+
 def test_the_fork_servers_socket_is_private(gw):
     zygote = _zygote(gw)
-    conns = getattr(zygote, "net_connections", None) or zygote.connections
-    socks = [c.laddr for c in conns("unix") if str(c.laddr).endswith("slash.sock")]
-    assert len(socks) == 1
+    socks = _slash_sockets(zygote)
+    assert socks == [str(gw.runtime_dir / f"slash-{zygote.pid}.sock")]  # in the broker's runtime dir, by pid
     assert stat.S_IMODE(os.stat(socks[0]).st_mode) == 0o600
-    assert stat.S_IMODE(os.stat(os.path.dirname(socks[0])).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(gw.runtime_dir).st_mode) == 0o700
+
+
+def test_a_killed_fork_servers_socket_is_swept_and_the_new_one_serves(gw):
+    old = _zygote(gw)
+    stale = gw.runtime_dir / f"slash-{old.pid}.sock"
+    assert stale.exists()
+    os.kill(old.pid, signal.SIGKILL)  # it cannot unlink its own socket
+    wait_for(lambda: any("hermes-zygote" in " ".join(p.cmdline()) and p.pid != old.pid for p in gw.descendants()),
+             20, what="the broker to start a new fork server")
+    new = _zygote(gw)
+    wait_for(lambda: _slash_sockets(new), 20, what="the new fork server to listen")
+    assert not stale.exists(), "the dead fork server's socket was left in the runtime dir"
+    assert sorted(p.name for p in gw.runtime_dir.glob("slash-*.sock")) == [f"slash-{new.pid}.sock"]
+
+    async def go():
+        c = await Client.open(gw.url)
+        try:
+            sid = (await c.call("session.create", {"cols": 80}, timeout=30))["session_id"]
+            out = await c.call("slash.exec", {"session_id": sid, "command": "help"}, timeout=60)
+            assert "Available Commands" in out["output"]
+            assert [p.ppid() for p in hermes_children(worker_of(gw, sid))] == [new.pid]
+            await c.call("session.close", {"session_id": sid})
+        finally:
+            await c.close()
+
+    run(go(), 80)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from protocol.marker import MARKER_ENV, worker_tag
+from worker import slash_fork
 
 
 def plan(config: dict) -> tuple[list[str], dict[str, str]]:
@@ -25,6 +26,8 @@ def plan(config: dict) -> tuple[list[str], dict[str, str]]:
         # two malloc arenas, not one per thread: a session worker runs ~10 threads and each would dirty its own
         # arena's pages (bench/hermes_worker.py: worker USS 36.2 -> 34.0 MiB); a value the user set is kept
         arenas = {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
-        return ["worker.hermes_runtime"], {**prepare(config), **arenas, **marker}
+        # where the fork server listens for its workers' slash-worker requests (worker/slash_fork.py)
+        slash = {slash_fork.SOCKET_DIR_ENV: config["runtime_dir"]} if config.get("runtime_dir") else {}
+        return ["worker.hermes_runtime"], {**prepare(config), **arenas, **slash, **marker}
     agent = "worker.agents.openai" if config.get("agent") == "openai" else "worker.agents.echo"
     return ["worker.session", "worker.lobby", agent], marker  # the agent too: an import after the fork costs ~2 ms

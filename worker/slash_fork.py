@@ -4,8 +4,9 @@ Hermes starts `python -m tui_gateway.slash_worker` per session (~0.3 s of CPU, ~
 USS). The fork server has Hermes (and `cli`, which the slash worker imports) loaded
 already, so a fork of it is ready in milliseconds and shares that heap.
 
-The session's worker asks over a unix socket the fork server listens on (a 0700
-directory, the socket 0600; a peer of another uid is refused, SO_PEERCRED). It sends
+The session's worker asks over a unix socket the fork server listens on (0600, in the
+broker's 0700 runtime dir, named by the fork server's pid so the broker sweeps a killed
+one's file; a peer of another uid is refused, SO_PEERCRED). It sends
 the child's stdin/stdout/stderr pipe ends with SCM_RIGHTS and the argv/env/cwd Hermes
 chose; the fork server forks, puts the child into the *caller's* process group (so the
 broker's group kill of the session takes it) and answers with the child's pid and a
@@ -25,27 +26,67 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 from typing import Any
 
 SLASH_MODULE = "tui_gateway.slash_worker"
 MAX_REQ = 256 * 1024
 _FDS = 3  # stdin (read end), stdout (write end), stderr (write end)
 
+# the directory the broker names for the socket (its runtime dir, 0700, checked by the broker): a zygote started
+# without it (the builtin runtime) does not listen, and Hermes' Popen starts the slash worker as a subprocess
+SOCKET_DIR_ENV = "HERMES_SUPERVISOR_SLASH_DIR"
 # set in the fork server before it forks any worker, so each worker inherits where to ask
 socket_path: str = ""
 
 
-# -- the fork server's side ---------------------------------------------------------------------
-def listen() -> socket.socket:
-    """A listening socket in a fresh 0700 directory; its path goes to forked workers through `socket_path`."""
-    global socket_path
-    base = os.environ.get("XDG_RUNTIME_DIR") or None
+def socket_file(folder: str, zygote_pid: int) -> str:
+    """Where the fork server `zygote_pid` listens: named by its pid so a broker can sweep a killed one's file."""
+    return os.path.join(folder, f"slash-{zygote_pid}.sock")
+
+
+def sweep(folder: str) -> list[str]:
+    """Remove the sockets of fork servers that are gone (SIGKILLed: they could not unlink their own)."""
+    removed = []
     try:
-        folder = tempfile.mkdtemp(prefix="hermes-zygote-", dir=base)  # mode 0700
+        names = os.listdir(folder)
     except OSError:
-        folder = tempfile.mkdtemp(prefix="hermes-zygote-")
-    path = os.path.join(folder, "slash.sock")
+        return removed
+    for name in names:
+        pid = name[len("slash-"):-len(".sock")] if name.startswith("slash-") and name.endswith(".sock") else ""
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- the fork server's side ---------------------------------------------------------------------
+def listen() -> socket.socket | None:
+    """Listen in the directory the broker named (taken out of the environment, so no worker's tools see it);
+    None when it named none. The socket is 0600 in the broker's 0700 runtime dir; `socket_path` tells the
+    workers forked afterwards where to ask."""
+    global socket_path
+    folder = os.environ.pop(SOCKET_DIR_ENV, "")
+    if not folder:
+        return None
+    path = socket_file(folder, os.getpid())
+    try:
+        os.unlink(path)  # a pid reused from a SIGKILLed fork server's file
+    except FileNotFoundError:
+        pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
@@ -61,11 +102,10 @@ def listen() -> socket.socket:
 
 def unlink() -> None:
     if socket_path:
-        for remove, target in ((os.unlink, socket_path), (os.rmdir, os.path.dirname(socket_path))):
-            try:
-                remove(target)
-            except OSError:
-                pass
+        try:
+            os.unlink(socket_path)
+        except OSError:
+            pass
 
 
 def _peer(conn: socket.socket) -> tuple[int, int]:

@@ -59,7 +59,7 @@ class Zygote:
         self.parent = os.getppid()
         self.children: set[int] = set()
         self.helpers: dict[int, int] = {}  # slash workers forked for a worker: pid -> the worker's group
-        self.slash = slash_fork.listen()
+        self.slash = slash_fork.listen()  # Hermes' slash workers, forked on a worker's request (hermes runtime)
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -98,7 +98,8 @@ class Zygote:
             if self.parent and os.getppid() != self.parent:
                 return
             try:
-                ready, _, _ = select.select([self.sock, self.wake_r, self.slash], [], [], 0.5)
+                ready, _, _ = select.select([self.sock, self.wake_r, *([self.slash] if self.slash else [])], [], [],
+                                            0.5)
             except InterruptedError:
                 ready = []
             if self.wake_r in ready:
@@ -108,7 +109,7 @@ class Zygote:
                 except BlockingIOError:
                     pass
             self.reap()
-            if self.slash in ready:
+            if self.slash is not None and self.slash in ready:
                 forked = slash_fork.serve_one(self.slash, [self.sock.fileno(), self.wake_r, self.wake_w])
                 if forked is not None:
                     self.helpers[forked[0]] = forked[1]
@@ -165,7 +166,8 @@ class Zygote:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGHUP, signal.SIG_DFL)
                 self.sock.close()
-                self.slash.close()
+                if self.slash is not None:
+                    self.slash.close()
                 os.close(self.wake_r)
                 os.close(self.wake_w)
                 if config.get("runtime") == "hermes":

@@ -7,7 +7,7 @@ whatever it started goes with it. jupyter_client's kernel provisioner is the mod
 docs/scaling.md says what a second launcher (pods, remote hosts) would change.
 
 This is the only module of supervisor/ that names worker code (`worker.preload`,
-`python -m worker.zygote`).
+`worker.slash_fork`, `python -m worker.zygote`).
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ class ZygoteLauncher:
             from worker import preload  # what to preload is the worker side's knowledge
 
             self.preload, self.env = preload.plan(worker_config)
+        self._sweep()
         self._closing = False
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # -P: never put the cwd on sys.path, or a worker/ folder there would be loaded into every worker
@@ -178,9 +179,20 @@ class ZygoteLauncher:
             self.sock.close()
             self.sock = None
         status = self.proc.wait() if self.proc else _wait_gone(self._adopted_pid)
+        self._sweep()
         if not self._closing:
             log.error("zygote exited", pid=self.pid, status=status)
             self.events.lost()
+
+    def _sweep(self) -> None:
+        """A SIGKILLed zygote cannot unlink its slash-worker socket (worker/slash_fork.py): remove what the dead
+        left in the runtime dir."""
+        from worker import slash_fork
+
+        folder = self.env.get(slash_fork.SOCKET_DIR_ENV)
+        if folder:
+            for name in slash_fork.sweep(folder):
+                log.info("removed a dead fork server's socket", file=name)
 
     def close(self) -> None:
         """Closing our end makes the zygote exit; its idle children follow it."""
