@@ -179,6 +179,30 @@ def test_prompt_streams_through_the_real_agent_and_slash_worker_is_in_the_group(
     run(resumed(), 40)
 
 
+def test_a_dropped_connection_reattaches_a_session_that_ran_no_turn_yet(gw):
+    """A refresh before the first prompt: the TUI resumes by runtime id, and Hermes has no row for the session
+    yet (it writes it at the first turn); the live session in its worker answers, the same worker, no new one."""
+
+    async def go():
+        c = await Client.open(gw.url)
+        created = await c.call("session.create", {"cols": 80}, timeout=30)
+        sid, key = created["session_id"], created.get("session_key") or created.get("stored_session_id")
+        pid = worker_of(gw, sid)
+        c.abort()
+        c2 = await Client.open(gw.url)
+        try:
+            res = await c2.call("session.resume", {"session_id": sid, "cols": 80}, timeout=30)
+            assert res["session_id"] == sid and res["resumed"] == key and res["message_count"] == 0
+            assert worker_of(gw, sid) == pid
+            done = await c2.turn(sid, "first words after the refresh", timeout=60)
+            assert done["payload"]["text"] == REPLY
+            await c2.call("session.close", {"session_id": sid})
+        finally:
+            await c2.close()
+
+    run(go(), 60)
+
+
 def test_killed_worker_takes_its_slash_worker_with_it(gw):
     """A worker that dies without finalizing: the broker's group kill still reclaims Hermes' subprocess."""
 

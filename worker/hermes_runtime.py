@@ -123,10 +123,6 @@ class HermesRuntime:
         if self.sid is not None and call.method in _ONE_SESSION_ONLY:
             call.fail(BAD_VALUE, f"{call.method} is not supported by the gateway yet (one session per worker)")
             return
-        if call.method == "session.resume" and self.sid is not None and self.key:
-            # the broker found this session live here (by runtime id or stored key): Hermes re-uses a live
-            # session when asked for its stored key, so a client's recovery by runtime id works too
-            call.params = dict(call.params, session_id=self.key)
         if call.method in INLINE:  # unblocks or stops a turn: never behind a slow call on the dispatcher
             threading.Thread(target=self._dispatch, args=(call,), name="hermes-fast", daemon=True).start()
         else:
@@ -148,8 +144,9 @@ class HermesRuntime:
         with self._lock:
             self._next += 1
             local_id = self._next
-            self._calls[local_id] = (call, call.method)
-        request = {"jsonrpc": "2.0", "id": local_id, "method": call.method, "params": call.params}
+            method, params = self._as_hermes_call(call)
+            self._calls[local_id] = (call, method)
+        request = {"jsonrpc": "2.0", "id": local_id, "method": method, "params": params}
         try:
             response = server.dispatch(request, self.transport)
         except Exception as exc:
@@ -161,6 +158,14 @@ class HermesRuntime:
             self.on_response(response)
         if call.method in ("approval.respond", "clarify.respond", "sudo.respond", "secret.respond"):
             self._refresh_state()
+
+    def _as_hermes_call(self, call: Call) -> tuple[str, dict]:
+        """A resume of the session live here (the broker found it by runtime id or stored key: a client's
+        recovery) is answered from the live session, as Hermes' `session.activate` does: Hermes' own resume
+        looks the key up in its database first, and a session that has not run a turn has no row yet."""
+        if call.method == "session.resume" and self.sid is not None:
+            return "session.activate", {"session_id": self.sid}
+        return call.method, call.params
 
     def on_response(self, obj: dict) -> None:
         """Any thread: one response from Hermes, matched to its call by the local id."""
@@ -179,6 +184,8 @@ class HermesRuntime:
                 self.ch.respond(call.rid, text)
                 return
             result = obj.get("result")
+            if call.method == "session.resume" and method == "session.activate" and isinstance(result, dict):
+                result = {**result, "resumed": self.key}  # what Hermes' resume adds to the same live payload
             bind = None
             if not self.lobby and self.sid is None and method in ("session.create", "session.resume") \
                     and isinstance(result, dict) and isinstance(result.get("session_id"), str):
