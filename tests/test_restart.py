@@ -21,6 +21,7 @@ import pytest
 from tests.client import Client
 from tests.conftest import BIN, kill_tree, pid_alive, run, start_gateway, wait_for
 from tests.procs import kill_all
+from tests.test_hermes_runtime import fake, hermes_children, worker_of  # noqa: F401 (fake: the fixture)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -206,3 +207,46 @@ def _in_group_of(p: psutil.Process, *pgids: int) -> bool:
         return parent is not None and os.getpgid(parent.pid) in pgids
     except (OSError, psutil.Error):
         return False
+
+
+def test_a_restart_keeps_a_hermes_sessions_forked_slash_worker_and_the_new_fork_server_forks_the_next(
+        gateways, fake) -> None:
+    """The predecessor's fork server is adopted with its workers; a slash worker it forked into a session's
+    group goes on serving that session, its socket stays; new sessions' slash workers come from the new one."""
+    gw = gateways("--runtime", "hermes", "--openai-base-url", fake.base_url, "--openai-model", "fake-model")
+
+    async def before() -> tuple[str, str]:
+        c = await Client.open(gw.url)
+        sid = (await c.call("session.create", {"cols": 80}, timeout=30))["session_id"]
+        out = await c.call("slash.exec", {"session_id": sid, "command": "help"}, timeout=60)
+        c.abort()  # detached (a clean close would end the session), re-attached after the restart
+        return sid, out["output"]
+
+    sid, help_text = run(before(), timeout=80)
+    worker = worker_of(gw, sid)
+    slash = [p.pid for p in hermes_children(worker)]
+    old_zygote = psutil.Process(slash[0]).ppid()
+    done = restart(gw)
+    assert done.returncode == 0, done.stderr + gw.log()
+    assert ps_workers(gw).get(worker) == sid
+
+    async def after() -> tuple[list[int], list[int]]:
+        c = await Client.open(gw.url.replace(str(gw.port), str(info(gw)["port"])))
+        try:
+            await c.call("session.resume", {"session_id": sid}, timeout=30)
+            again = await c.call("slash.exec", {"session_id": sid, "command": "help"}, timeout=60)
+            assert again["output"] == help_text
+            kept = [p.pid for p in hermes_children(worker)]
+            fresh = (await c.call("session.create", {"cols": 80}, timeout=30))["session_id"]
+            await c.call("slash.exec", {"session_id": fresh, "command": "help"}, timeout=60)
+            # the successor is not the test's child: its workers are found as hermes-ps lists them
+            fresh_worker = next(pid for pid, s in ps_workers(gw).items() if s == fresh)
+            parents = [p.ppid() for p in hermes_children(fresh_worker)]
+            return kept, parents
+        finally:
+            await c.close()
+
+    kept, parents = run(after(), timeout=80)
+    assert kept == slash  # the same slash worker, served through the adopted fork server's socket
+    assert parents and old_zygote not in parents and all(p != 0 for p in parents)
+    assert len(list(gw.runtime_dir.glob("slash-*.sock"))) == 2  # the adopted fork server's and the new one's

@@ -72,28 +72,34 @@ class LazySlashWorker:
     one shared process; here every session already is a process of its own, and most
     never send a `slash.exec` (the TUI handles most commands itself). The first one
     pays the start, as it would in Hermes when it follows session.create closely.
-    Hermes only calls run() and close() on it."""
+    Hermes only calls run() and close() on it.
+
+    One running slash worker per (key, model, home) in this process, whichever instance
+    started it: a `slash.exec` that arrives before the agent build finished makes Hermes
+    start one, and the build then attaches another without closing the first (Hermes'
+    race; a leaked subprocess there, a second slash worker here until the session ends)."""
+
+    _running: dict[tuple, Any] = {}
+    _lock = threading.Lock()
 
     def __init__(self, session_key: str, model: str, profile_home: str | None = None) -> None:
         self._args = (session_key, model, profile_home)
-        self._lock = threading.Lock()
-        self._worker: Any = None
         self._closed = False
 
     def run(self, command: str) -> str:
         with self._lock:
             if self._closed:
                 raise RuntimeError("slash worker closed")
-            if self._worker is None:
+            worker = self._running.get(self._args)
+            if worker is None:
                 key, model, home = self._args
-                self._worker = _EagerSlashWorker(key, model, profile_home=home)
-            worker = self._worker
+                worker = self._running[self._args] = _EagerSlashWorker(key, model, profile_home=home)
         return worker.run(command)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            worker, self._worker = self._worker, None
+            worker = self._running.pop(self._args, None)
         if worker is not None:
             worker.close()
 
