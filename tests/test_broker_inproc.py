@@ -156,3 +156,41 @@ def test_a_fork_server_that_keeps_dying_is_restarted_once_at_once_then_after_a_b
             assert r.broker.pool.launcher_backoff.delay == 1.0
 
     run(main())
+
+
+def test_a_spare_not_forked_yet_is_written_off_at_once_and_its_late_fork_killed() -> None:
+    """A spare the fork server has not forked yet (a hermes one preloads for seconds after a restart) holds
+    nothing and cannot hear a stop: the ladder writes it off at once instead of waiting half the budget for
+    its hello and then the rest, which held a shutdown for the whole stop budget."""
+    async def main() -> None:
+        async with running_broker(stop_timeout=4.0) as r:
+            for _ in range(500):
+                if r.broker.pool.spares:
+                    break
+                await asyncio.sleep(0.01)
+            zygote = r.broker.launcher.pid
+            os.kill(zygote, signal.SIGSTOP)  # it cannot fork the replacement spare
+            try:
+                c = r.client()
+                assert "result" in await r.call(c, "session.create")  # takes the warm spare
+                unborn = [w for w in r.broker.workers.values() if w.pid == 0 and w.kind == "spare"]
+                assert len(unborn) == 1
+                t0 = time.monotonic()
+                await r.broker.stop(unborn[0], "surplus")
+                assert time.monotonic() - t0 < 0.5  # was 4 s: 2 s waiting for a hello, then the SIGKILL step
+                assert unborn[0] not in r.broker.workers.values()
+            finally:
+                os.kill(zygote, signal.SIGCONT)
+            # the forks it queued happen now (the given-up spare's and the refill's): the given-up one is killed when
+            # reported (Pool.on_launched), the refill is journaled as usual
+            def strays() -> list[int]:
+                return [p.pid for p in psutil.Process(zygote).children() if not gone(p.pid)
+                        and p.pid not in r.broker.workers.by_pid]
+
+            for _ in range(500):
+                if all(w.pid for w in r.broker.workers.values()) and not strays():
+                    break
+                await asyncio.sleep(0.01)
+            assert all(w.pid for w in r.broker.workers.values()) and not strays(), strays()
+
+    run(main())

@@ -59,13 +59,23 @@ class StopLadder:
         budget = self.stop_timeout()
         step = "ask"
         assert w.exited is not None
-        if w.pid == 0 and not w.ready:
+        if not w.ready and s is None:
+            # a spare or lobby still starting (a hermes one preloads for seconds): it holds nothing yet and cannot
+            # hear a stop before its hello, so waiting for it only held a shutdown for the whole budget
+            step = "kill"
+            if w.pid:
+                self.launcher.signal(w.pid, signal.SIGKILL)
+            else:
+                self.gone(w, None)  # never forked: a fork reported later is killed (Pool.on_launched)
+        elif w.pid == 0 and not w.ready:
             # not forked yet (or fork failed): wait briefly for the pid before escalating
             try:
                 await asyncio.wait_for(asyncio.shield(w.hello), budget / 2)
             except (asyncio.TimeoutError, RuntimeError):
                 pass
-        if reason == lifecycle.Reason.HEARTBEAT_LOST:
+        if step == "kill":
+            pass
+        elif reason == lifecycle.Reason.HEARTBEAT_LOST:
             step = "kill"
             self.launcher.signal(w.pid, signal.SIGKILL)
         elif not self.link.send(w, frames.pack(frames.STOP, reason=reason)):

@@ -206,6 +206,8 @@ class ZygoteLauncher:
             self.sock = None
         if self.proc is not None:
             try:
+                if self.proc.poll() is None:  # one still preloading reads no EOF; its SIGTERM ends it the same way
+                    self.proc.terminate()
                 self.proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
