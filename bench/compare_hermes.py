@@ -656,10 +656,12 @@ WHY = {
         "plus the six every worker has (main loop, parent watch, ZeroMQ's I/O and reaper threads, the Hermes "
         "dispatcher and state threads: a spare has exactly these six)."),
     "session.create → response": (
-        "**session.create.** B runs the same Hermes handler A runs inline (a worker's caches are warm: the fork "
-        "server filled them), but the call and its answer cross the broker and the ZeroMQ link to a spare worker, "
-        "and the broker then binds the session to that worker; A answers from the process that holds the "
-        "WebSocket."),
+        "**session.create.** B runs the same Hermes handler A runs inline, in a spare that already ran it once "
+        "(a throwaway create, taken back: the first run in a forked process copies every page it writes, ~10 ms "
+        "instead of ~5), and without starting git for the branch of a cwd that is in no repository (Hermes "
+        "starts it twice there for an empty answer; docs/hermes.md). The call and its answer still cross the "
+        "broker and the ZeroMQ link (~2 ms), and the broker binds the session to that worker; A answers from the "
+        "process that holds the WebSocket."),
     "session.create → session.info (agent ready)": (
         "**Agent ready.** The same Hermes agent build runs in both (the fork server pre-imports its modules and "
         "fills its tool-definition cache, which A fills on its first session), but in B it runs in a process "

@@ -33,11 +33,13 @@ from protocol.titles import set_title, worker_title
 from worker.budget import stop_budget
 from worker.calls import INLINE
 from worker.channel import Call, Channel
+from worker import hermes_git
 from worker.hermes_preload import server, start_held_threads
 from worker.hermes_process import (
     GroupedSubprocess, LazySlashWorker, become_subreaper, kill_descendants, no_update_check,
 )
 from worker.hermes_rehearsal import rehearse
+from worker.hermes_warmup import warm_create
 from worker.redact import Redactor
 
 # A bound worker hosts exactly one session: methods that would open a second one here are refused.
@@ -104,6 +106,7 @@ class HermesRuntime:
         server.subprocess = GroupedSubprocess()  # type: ignore[attr-defined]
         server._SlashWorker = LazySlashWorker  # type: ignore[attr-defined]
         server._stdio_transport = self.transport  # frames with no session transport come to us, not stdout
+        hermes_git.install(server)  # no git started for the branch of a cwd outside any repository
         if self.lobby:
             self._check_store()
         threading.Thread(target=self._dispatch_loop, name="hermes-dispatch", daemon=True).start()
@@ -137,6 +140,10 @@ class HermesRuntime:
             took = rehearse()
             if took:
                 print(f"hermes-runtime: spare rehearsed an agent build in {took * 1000:.0f} ms", file=sys.stderr,
+                      flush=True)
+            took = warm_create()  # the client's session.create then runs warm (worker/hermes_warmup.py)
+            if took:
+                print(f"hermes-runtime: spare ran a throwaway session.create in {took * 1000:.1f} ms", file=sys.stderr,
                       flush=True)
         while True:
             call = self._queue.get()
