@@ -653,8 +653,9 @@ WHY = {
         "**Threads per session.** A session in A adds its turn's and its slash worker's threads to one shared "
         "process (the slash worker's two pipe readers, the notification poller, …). A worker in B runs the turn's "
         "and the poller's (the pipe readers only once a slash command started its slash worker), "
-        "plus the six every worker has (main loop, parent watch, ZeroMQ's I/O and reaper threads, the Hermes "
-        "dispatcher and state threads: a spare has exactly these six)."),
+        "plus the five every worker has (main loop, ZeroMQ's I/O and reaper threads, the Hermes dispatcher and "
+        "Hermes' log writer: a spare has exactly these five; the main loop also checks the parent and Hermes' "
+        "turn flags)."),
     "session.create → response": (
         "**session.create.** B runs the same Hermes handler A runs inline, in a spare that already ran it once "
         "(a throwaway create, taken back: the first run in a forked process copies every page it writes, ~10 ms "
@@ -760,7 +761,9 @@ def closing_note(doc: dict, lost: list[str]) -> str:
             text = (f"**Concurrency.** {n} turns at once on {doc['machine']['cores']} cores are bound by the CPU: "
                     f"B used {cpu['B']:g} ms of CPU per turn (worker and broker) where A used "
                     f"{cpu['A']:g} ms. A runs its turns as threads of one warm process; in B each turn runs in its "
-                    "own worker, whose events all cross the ZeroMQ link and the broker's event loop.")
+                    "own worker, whose events all cross the ZeroMQ link and the broker's event loop. Both build a "
+                    "fresh OpenAI and httpx client per model request; B's workers share one TLS context per CA "
+                    "bundle where A loads the bundle for every request (docs/hermes.md).")
         if text and text not in out:
             out.append(text)
     if not out:

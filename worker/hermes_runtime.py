@@ -33,7 +33,7 @@ from protocol.titles import set_title, worker_title
 from worker.budget import stop_budget
 from worker.calls import INLINE
 from worker.channel import Call, Channel
-from worker import hermes_git
+from worker import hermes_git, hermes_tls_context
 from worker.hermes_preload import server, start_held_threads
 from worker.hermes_process import (
     GroupedSubprocess, LazySlashWorker, become_subreaper, kill_descendants, no_update_check,
@@ -42,9 +42,12 @@ from worker.hermes_rehearsal import rehearse
 from worker.hermes_warmup import warm_create
 from worker.redact import Redactor
 
+hermes_tls_context.install()  # in the fork server: every request's client shares one loaded CA bundle
+
 # A bound worker hosts exactly one session: methods that would open a second one here are refused.
 _ONE_SESSION_ONLY = frozenset({"session.branch"})
 _STATES = {"working": "working", "waiting": "waiting"}  # Hermes' live status -> the broker's; else idle
+STATE_CHECK = 0.5  # s between reconciliations of the state with Hermes' flags
 
 
 class _Transport:
@@ -98,6 +101,7 @@ class HermesRuntime:
         self._early: list[dict] = []  # events written before the bind response went out
         self._next = 0
         self._closing = False
+        self._next_check = 0.0  # when tick() next reconciles the state with Hermes' flags
         self._queue: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
         self.transport = _Transport(self)
         start_held_threads()
@@ -110,7 +114,6 @@ class HermesRuntime:
         if self.lobby:
             self._check_store()
         threading.Thread(target=self._dispatch_loop, name="hermes-dispatch", daemon=True).start()
-        threading.Thread(target=self._watch, name="hermes-state", daemon=True).start()
 
     def _check_store(self) -> None:
         """Hermes' session database (HERMES_HOME/state.db) must open, or the broker refuses new sessions."""
@@ -266,12 +269,6 @@ class HermesRuntime:
                 return
             self.set_state(_STATES.get(status, "idle"))
 
-    def _watch(self) -> None:
-        """Reconcile the state with Hermes' own flags (a turn that ended in an exception sends no event)."""
-        while not self._closing:
-            time.sleep(0.5)
-            if self.sid is not None:
-                self._refresh_state()
 
     # -- the broker's view ----------------------------------------------------
     def meta(self) -> dict:
@@ -303,7 +300,13 @@ class HermesRuntime:
         kill_descendants()
 
     def tick(self) -> None:
-        pass  # Hermes' slash worker keeps its own deadlines
+        """Main thread, between frames (at least every 0.5 s): reconcile the state with Hermes' own flags, as a
+        turn that ended in an exception sends no event. Hermes' check reads a few flags and takes no lock, so it
+        needs no thread of its own."""
+        now = time.monotonic()
+        if now >= self._next_check and self.sid is not None and not self._closing:
+            self._next_check = now + STATE_CHECK
+            self._refresh_state()
 
     def _close(self, reason: str) -> None:
         try:

@@ -1,5 +1,6 @@
-"""Issue 13 item 3, session.create in the hermes runtime: a spare runs Hermes' create once and takes it back, so
-the client's create runs warm; and no git is started for the branch of a cwd outside any repository."""
+"""Issue 13 item 3, what a hermes worker costs per create and per session: a spare runs Hermes' create once and
+takes it back, so the client's create runs warm; no git is started for the branch of a cwd outside any
+repository; and a worker runs no thread of ours but its main loop and Hermes' dispatcher."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.client import Client
@@ -75,9 +77,24 @@ def test_create_starts_no_git_outside_a_repository_and_gives_a_repositorys_branc
     assert [line for line in noted if str(repo / "deep") in line]
 
 
+def _threads_settle_at(g, title_part: str, most: int) -> None:
+    """The worker's thread count comes down to `most` (a turn's or a timer's thread ends a moment later)."""
+    pid = wait_for(lambda: next((p for p, t in g.workers().items() if title_part in t), None), 20,
+                   what=f"a worker titled {title_part!r}")
+    seen: list[int] = []
+    try:
+        wait_for(lambda: seen.append(psutil.Process(pid).num_threads()) or seen[-1] <= most, 5,
+                 what=f"{title_part} at {most} threads")
+    except AssertionError:
+        raise AssertionError(f"{title_part}: {seen[-1]} threads, more than {most}") from None
+
+
 def test_a_spare_warms_session_create_and_the_session_is_the_clients_alone(spied):
     g, _, _ = spied
     wait_for(lambda: "spare ran a throwaway session.create" in g.log(), 20, what="a spare's warm-up create in the log")
+    # main loop, Hermes' dispatcher, ZeroMQ's I/O and reaper threads, Hermes' log writer: no parent-watch or
+    # state thread (the main loop does both)
+    _threads_settle_at(g, "spare", 5)
 
     async def go() -> None:
         c = await Client.open(g.url)
@@ -87,6 +104,7 @@ def test_a_spare_warms_session_create_and_the_session_is_the_clients_alone(spied
             done = await c.turn(sid, "hello", timeout=60)
             assert done["payload"]["text"] == REPLY
             assert {e.get("session_id") for e in c.events if e["type"] != "gateway.ready"} == {sid}
+            _threads_settle_at(g, f"session={sid}", 6)  # and Hermes' notification poller
             await c.call("session.close", {"session_id": sid})
         finally:
             await c.close()
