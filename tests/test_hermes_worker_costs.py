@@ -143,3 +143,23 @@ def test_the_warm_up_create_leaves_nothing_behind(tmp_path):
     got = json.loads(out.read_text())
     assert got["took"] > 0  # the create ran
     assert got["sessions"] == [] and got["built"] == 0 and got["overrides"] == []  # and left nothing behind
+
+
+def test_a_cold_worker_answers_the_waiting_create_without_a_warm_up(fake, tmp_path):  # noqa: F811
+    """With no spare (--warm-pool 0) the create already waits in the new worker: a warm-up would only delay it."""
+    g = start_gateway(tmp_path, "--runtime", "hermes", "--openai-base-url", fake.base_url, "--openai-model",
+                      "fake-model", "--warm-pool", "0")
+    try:
+        async def go() -> None:
+            c = await Client.open(g.url)
+            try:
+                created = await c.call("session.create", {"cols": 80}, timeout=40)
+                await c.call("session.close", {"session_id": created["session_id"]})
+            finally:
+                await c.close()
+
+        run(go(), 80)
+        assert "spare rehearsed an agent build" in g.log()  # it did start as a spare would
+        assert "throwaway session.create" not in g.log()
+    finally:
+        kill_tree(g)

@@ -144,7 +144,9 @@ class HermesRuntime:
             if took:
                 print(f"hermes-runtime: spare rehearsed an agent build in {took * 1000:.0f} ms", file=sys.stderr,
                       flush=True)
-            took = warm_create()  # the client's session.create then runs warm (worker/hermes_warmup.py)
+            # the client's session.create then runs warm (worker/hermes_warmup.py); not when it already waits (a
+            # cold spare): the warm-up would only delay it
+            took = warm_create() if self._queue.empty() else 0.0
             if took:
                 print(f"hermes-runtime: spare ran a throwaway session.create in {took * 1000:.1f} ms", file=sys.stderr,
                       flush=True)
