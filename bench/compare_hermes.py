@@ -653,13 +653,16 @@ WHY = {
         "**Threads per session.** A session in A adds its turn's and its slash worker's threads to one shared "
         "process (the slash worker's two pipe readers, the notification poller, …). A worker in B runs the turn's "
         "and the poller's (the pipe readers only once a slash command started its slash worker), "
-        "plus the six every worker has (main loop, parent watch, ZeroMQ's I/O and reaper threads, the Hermes "
-        "dispatcher and state threads: a spare has exactly these six)."),
+        "plus the five every worker has (main loop, ZeroMQ's I/O and reaper threads, the Hermes dispatcher and "
+        "Hermes' log writer: a spare has exactly these five; the main loop also checks the parent and Hermes' "
+        "turn flags)."),
     "session.create → response": (
-        "**session.create.** B runs the same Hermes handler A runs inline (a worker's caches are warm: the fork "
-        "server filled them), but the call and its answer cross the broker and the ZeroMQ link to a spare worker, "
-        "and the broker then binds the session to that worker; A answers from the process that holds the "
-        "WebSocket."),
+        "**session.create.** B runs the same Hermes handler A runs inline, in a spare that already ran it once "
+        "(a throwaway create, taken back: the first run in a forked process copies every page it writes, ~10 ms "
+        "instead of ~5), and without starting git for the branch of a cwd that is in no repository (Hermes "
+        "starts it twice there for an empty answer; docs/hermes.md). The call and its answer still cross the "
+        "broker and the ZeroMQ link (~2 ms), and the broker binds the session to that worker; A answers from the "
+        "process that holds the WebSocket."),
     "session.create → session.info (agent ready)": (
         "**Agent ready.** The same Hermes agent build runs in both (the fork server pre-imports its modules and "
         "fills its tool-definition cache, which A fills on its first session), but in B it runs in a process "
@@ -758,7 +761,9 @@ def closing_note(doc: dict, lost: list[str]) -> str:
             text = (f"**Concurrency.** {n} turns at once on {doc['machine']['cores']} cores are bound by the CPU: "
                     f"B used {cpu['B']:g} ms of CPU per turn (worker and broker) where A used "
                     f"{cpu['A']:g} ms. A runs its turns as threads of one warm process; in B each turn runs in its "
-                    "own worker, whose events all cross the ZeroMQ link and the broker's event loop.")
+                    "own worker, whose events all cross the ZeroMQ link and the broker's event loop. Both build a "
+                    "fresh OpenAI and httpx client per model request; B's workers share one TLS context per CA "
+                    "bundle where A loads the bundle for every request (docs/hermes.md).")
         if text and text not in out:
             out.append(text)
     if not out:

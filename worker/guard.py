@@ -1,8 +1,9 @@
 """Orphan hygiene inside a forked process: own process group, parent-death signal, parent watch.
 
 A worker must never outlive the process that forked it. On Linux the kernel
-delivers SIGKILL when the parent dies (PR_SET_PDEATHSIG); everywhere a small
-daemon thread also polls the parent pid and exits the whole group when it changes.
+delivers SIGKILL when the parent dies (PR_SET_PDEATHSIG); everywhere the worker's
+main loop also checks the parent pid (at least every 0.5 s) and exits the whole
+group when it changed.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import ctypes.util
 import os
 import signal
 import sys
-import threading
-import time
 
 PR_SET_PDEATHSIG = 1
 
@@ -57,16 +56,9 @@ def exit_group(code: int = 0) -> None:
     os._exit(code)
 
 
-def watch_parent(expected_ppid: int, interval: float = 0.2, on_orphan=exit_group) -> threading.Thread:
-    """Exit when the original parent is gone (reparented to init or a subreaper)."""
+def parent_gone(expected_ppid: int) -> bool:
+    """True once the original parent is gone (we were reparented to init or a subreaper).
 
-    def run() -> None:
-        while True:
-            if os.getppid() != expected_ppid:
-                on_orphan(0)
-                return
-            time.sleep(interval)
-
-    thread = threading.Thread(target=run, name="parent-watch", daemon=True)
-    thread.start()
-    return thread
+    The worker's main loop asks at every turn (at least every 0.5 s), so no thread of its
+    own is needed; on Linux PR_SET_PDEATHSIG has already killed us by then."""
+    return os.getppid() != expected_ppid

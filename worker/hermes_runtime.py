@@ -33,16 +33,21 @@ from protocol.titles import set_title, worker_title
 from worker.budget import stop_budget
 from worker.calls import INLINE
 from worker.channel import Call, Channel
+from worker import hermes_git, hermes_tls_context
 from worker.hermes_preload import server, start_held_threads
 from worker.hermes_process import (
     GroupedSubprocess, LazySlashWorker, become_subreaper, kill_descendants, no_update_check,
 )
 from worker.hermes_rehearsal import rehearse
+from worker.hermes_warmup import warm_create
 from worker.redact import Redactor
+
+hermes_tls_context.install()  # in the fork server: every request's client shares one loaded CA bundle
 
 # A bound worker hosts exactly one session: methods that would open a second one here are refused.
 _ONE_SESSION_ONLY = frozenset({"session.branch"})
 _STATES = {"working": "working", "waiting": "waiting"}  # Hermes' live status -> the broker's; else idle
+STATE_CHECK = 0.5  # s between reconciliations of the state with Hermes' flags
 
 
 class _Transport:
@@ -96,6 +101,7 @@ class HermesRuntime:
         self._early: list[dict] = []  # events written before the bind response went out
         self._next = 0
         self._closing = False
+        self._next_check = 0.0  # when tick() next reconciles the state with Hermes' flags
         self._queue: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
         self.transport = _Transport(self)
         start_held_threads()
@@ -104,10 +110,10 @@ class HermesRuntime:
         server.subprocess = GroupedSubprocess()  # type: ignore[attr-defined]
         server._SlashWorker = LazySlashWorker  # type: ignore[attr-defined]
         server._stdio_transport = self.transport  # frames with no session transport come to us, not stdout
+        hermes_git.install(server)  # no git started for the branch of a cwd outside any repository
         if self.lobby:
             self._check_store()
         threading.Thread(target=self._dispatch_loop, name="hermes-dispatch", daemon=True).start()
-        threading.Thread(target=self._watch, name="hermes-state", daemon=True).start()
 
     def _check_store(self) -> None:
         """Hermes' session database (HERMES_HOME/state.db) must open, or the broker refuses new sessions."""
@@ -133,6 +139,12 @@ class HermesRuntime:
             took = rehearse()
             if took:
                 print(f"hermes-runtime: spare rehearsed an agent build in {took * 1000:.0f} ms", file=sys.stderr,
+                      flush=True)
+            # the client's session.create then runs warm (worker/hermes_warmup.py); not when it already waits (a
+            # cold spare): the warm-up would only delay it
+            took = warm_create() if self._queue.empty() else 0.0
+            if took:
+                print(f"hermes-runtime: spare ran a throwaway session.create in {took * 1000:.1f} ms", file=sys.stderr,
                       flush=True)
         while True:
             call = self._queue.get()
@@ -266,12 +278,6 @@ class HermesRuntime:
                 return
             self.set_state(_STATES.get(status, "idle"))
 
-    def _watch(self) -> None:
-        """Reconcile the state with Hermes' own flags (a turn that ended in an exception sends no event)."""
-        while not self._closing:
-            time.sleep(0.5)
-            if self.sid is not None:
-                self._refresh_state()
 
     # -- the broker's view ----------------------------------------------------
     def meta(self) -> dict:
@@ -303,7 +309,13 @@ class HermesRuntime:
         kill_descendants()
 
     def tick(self) -> None:
-        pass  # Hermes' slash worker keeps its own deadlines
+        """Main thread, between frames (at least every 0.5 s): reconcile the state with Hermes' own flags, as a
+        turn that ended in an exception sends no event. Hermes' check reads a few flags and takes no lock, so it
+        needs no thread of its own."""
+        now = time.monotonic()
+        if now >= self._next_check and self.sid is not None and not self._closing:
+            self._next_check = now + STATE_CHECK
+            self._refresh_state()
 
     def _close(self, reason: str) -> None:
         try:

@@ -46,7 +46,8 @@ def _runtime(kind: str, config: dict, channel: Channel, store: Store | None, sto
 
 
 def run(ident: bytes, config: dict, parent_pid: int) -> int:
-    guard.watch_parent(parent_pid)
+    if guard.parent_gone(parent_pid):
+        guard.exit_group(0)
     kind = config.get("kind", "spare")
     set_title(worker_title(kind))
     link = Link(config["endpoint"], ident, float(config.get("heartbeat_interval", 1.0)))
@@ -115,6 +116,8 @@ def run(ident: bytes, config: dict, parent_pid: int) -> int:
             later(lambda: runtime.record_end(frame["key"], frame["reason"], at))
 
     def tick() -> None:
+        if guard.parent_gone(parent_pid):  # orphaned (PR_SET_PDEATHSIG covers Linux; this, everywhere): leave
+            guard.exit_group(0)
         runtime.tick()
         if runtime.meta_dirty:
             beat_now()
