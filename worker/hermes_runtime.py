@@ -37,6 +37,7 @@ from worker.hermes_preload import server, start_held_threads
 from worker.hermes_process import (
     GroupedSubprocess, LazySlashWorker, become_subreaper, kill_descendants, no_update_check,
 )
+from worker import ssl_stock
 from worker.hermes_rehearsal import rehearse
 from worker.redact import Redactor
 
@@ -97,6 +98,8 @@ class HermesRuntime:
         self._next = 0
         self._closing = False
         self._queue: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
+        self._dispatcher: int | None = None  # the dispatcher thread's ident
+        self._builds: list[str] = []  # agent builds Hermes asked for during the call in progress
         self.transport = _Transport(self)
         start_held_threads()
         no_update_check()
@@ -104,6 +107,8 @@ class HermesRuntime:
         server.subprocess = GroupedSubprocess()  # type: ignore[attr-defined]
         server._SlashWorker = LazySlashWorker  # type: ignore[attr-defined]
         server._stdio_transport = self.transport  # frames with no session transport come to us, not stdout
+        self._schedule_later = server._schedule_agent_build
+        server._schedule_agent_build = self._schedule_build  # type: ignore[attr-defined]
         if self.lobby:
             self._check_store()
         threading.Thread(target=self._dispatch_loop, name="hermes-dispatch", daemon=True).start()
@@ -132,7 +137,39 @@ class HermesRuntime:
         else:
             self._queue.put(call)
 
+    def _schedule_build(self, sid: str, delay: float = 0.05) -> None:
+        """Hermes builds a new session's agent on a timer 50 ms after session.create / resume, to let its
+        response reach the client first. Here the response goes out when dispatch() returns, so the build
+        starts right after it (`_start_builds`) instead of 50 ms later; a call from elsewhere keeps the timer."""
+        if threading.get_ident() == self._dispatcher:
+            self._builds.append(sid)
+        else:
+            self._schedule_later(sid, delay)
+
+    def _start_builds(self) -> None:
+        builds, self._builds = self._builds, []
+        self._await_sent()
+        for sid in builds:
+            session = server._sessions.get(sid)
+            if session is not None:
+                try:
+                    server._start_agent_build(sid, session)  # starts Hermes' build thread and returns
+                except Exception as exc:
+                    print(f"hermes-runtime: starting the agent build failed: {type(exc).__name__}: {exc}",
+                          file=sys.stderr, flush=True)
+
+    def _await_sent(self, limit: float = 0.05) -> None:
+        """Until the main thread has taken the response from the link's outbox (at most Hermes' 50 ms): a build
+        started earlier holds the GIL while the main thread waits for it to send the response (+5 ms measured)."""
+        outbox = getattr(getattr(self.ch, "link", None), "_outbox", None)
+        if outbox is None:
+            return
+        deadline = time.monotonic() + limit
+        while not outbox.empty() and time.monotonic() < deadline:
+            time.sleep(0.0005)
+
     def _dispatch_loop(self) -> None:
+        self._dispatcher = threading.get_ident()
         if self.config.get("kind", "spare") == "spare":  # before any call: a create waits for the rest of it
             took = rehearse()
             if took:
@@ -151,14 +188,18 @@ class HermesRuntime:
             self._calls[local_id] = (call, call.method)
         request = {"jsonrpc": "2.0", "id": local_id, "method": call.method, "params": call.params}
         try:
-            response = server.dispatch(request, self.transport)
-        except Exception as exc:
-            with self._lock:
-                self._calls.pop(local_id, None)
-            call.fail(INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}")
-            return
-        if response is not None:
-            self.on_response(response)
+            try:
+                response = server.dispatch(request, self.transport)
+            except Exception as exc:
+                with self._lock:
+                    self._calls.pop(local_id, None)
+                call.fail(INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}")
+                return
+            if response is not None:
+                self.on_response(response)
+        finally:
+            if self._builds and threading.get_ident() == self._dispatcher:
+                self._start_builds()
         if call.method in ("approval.respond", "clarify.respond", "sudo.respond", "secret.respond"):
             self._refresh_state()
 
@@ -228,6 +269,8 @@ class HermesRuntime:
             self.set_state("working")
         elif type_ == "message.complete":
             self.meta_dirty = True
+            if ssl_stock.stats["hit"] or ssl_stock.stocked():
+                self._release_stock()
             self._refresh_state()
         elif type_.endswith(".request") and type_ != "input.request":
             self.set_state("waiting")
@@ -240,6 +283,13 @@ class HermesRuntime:
             if payload.get("title"):
                 self.title = str(payload["title"])
             self.meta_dirty = True
+
+    def _release_stock(self) -> None:
+        """The first turn is done: drop the TLS contexts the session's start did not use (worker/ssl_stock.py)."""
+        used, left = ssl_stock.stats["hit"], ssl_stock.release()
+        ssl_stock.stats["hit"] = 0
+        print(f"hermes-runtime: the session's start took {used} TLS contexts from the spare's stock, {left} unused",
+              file=sys.stderr, flush=True)
 
     def set_state(self, state: str) -> None:
         if state != self.state:
