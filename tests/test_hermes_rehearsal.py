@@ -42,6 +42,8 @@ def test_a_spare_rehearses_and_the_session_still_builds_its_own_agent(gw):
     took = wait_for(lambda: re.findall(r"session's start took (\d+) TLS contexts from the spare's stock", gw.log()),
                     10, what="the stock's use in the log")
     assert int(took[0]) >= 2 and re.search(r"spare stocked [1-9]\d* TLS contexts", gw.log())
+    # and its build took the endpoint's context-length probes started at create time (the fake server is local)
+    assert int(re.findall(r"(\d+) endpoint probes answered early", gw.log())[0]) >= 1
 
 
 def test_the_ca_bundle_check_is_kept_per_file_and_never_for_a_failure(tmp_path):

@@ -37,12 +37,14 @@ from worker.hermes_preload import server, start_held_threads
 from worker.hermes_process import (
     GroupedSubprocess, LazySlashWorker, become_subreaper, kill_descendants, no_update_check,
 )
-from worker import ssl_stock
-from worker.hermes_rehearsal import rehearse
+from worker import hermes_probe, ssl_stock
+from worker.hermes_rehearsal import REHEARSAL_DELAY, rehearse
 from worker.redact import Redactor
 
 # A bound worker hosts exactly one session: methods that would open a second one here are refused.
 _ONE_SESSION_ONLY = frozenset({"session.branch"})
+# a session created with any of these may resolve another model or endpoint than the rehearsal's build did
+_OWN_RUNTIME = ("model_override", "profile_home", "resume_runtime_overrides", "resume_session_id")
 _STATES = {"working": "working", "waiting": "waiting"}  # Hermes' live status -> the broker's; else idle
 
 
@@ -152,6 +154,8 @@ class HermesRuntime:
         for sid in builds:
             session = server._sessions.get(sid)
             if session is not None:
+                if not any(session.get(k) for k in _OWN_RUNTIME):  # its build probes what the rehearsal's did
+                    hermes_probe.start()
                 try:
                     server._start_agent_build(sid, session)  # starts Hermes' build thread and returns
                 except Exception as exc:
@@ -170,11 +174,23 @@ class HermesRuntime:
 
     def _dispatch_loop(self) -> None:
         self._dispatcher = threading.get_ident()
-        if self.config.get("kind", "spare") == "spare":  # before any call: a create waits for the rest of it
-            took = rehearse()
-            if took:
-                print(f"hermes-runtime: spare rehearsed an agent build in {took * 1000:.0f} ms", file=sys.stderr,
-                      flush=True)
+        call: Call | None = None
+        if self.config.get("kind", "spare") == "spare":
+            # A spare is forked when the one before it was handed a session, so rehearsing at once would take
+            # a core from that session's agent build and first turn; it waits REHEARSAL_DELAY first. A call in
+            # that time is served at once, unrehearsed (faster than rehearsing first); one that comes during
+            # the rehearsal waits for the rest of it.
+            try:
+                call = self._queue.get(timeout=REHEARSAL_DELAY)
+            except queue.Empty:
+                took = rehearse()
+                if took:
+                    print(f"hermes-runtime: spare rehearsed an agent build in {took * 1000:.0f} ms",
+                          file=sys.stderr, flush=True)
+            else:
+                if call is None:
+                    return
+                self._dispatch(call)
         while True:
             call = self._queue.get()
             if call is None:
@@ -288,8 +304,8 @@ class HermesRuntime:
         """The first turn is done: drop the TLS contexts the session's start did not use (worker/ssl_stock.py)."""
         used, left = ssl_stock.stats["hit"], ssl_stock.release()
         ssl_stock.stats["hit"] = 0
-        print(f"hermes-runtime: the session's start took {used} TLS contexts from the spare's stock, {left} unused",
-              file=sys.stderr, flush=True)
+        print(f"hermes-runtime: the session's start took {used} TLS contexts from the spare's stock, {left} unused; "
+              f"{hermes_probe.stats['taken']} endpoint probes answered early", file=sys.stderr, flush=True)
 
     def set_state(self, state: str) -> None:
         if state != self.state:
