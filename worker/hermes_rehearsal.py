@@ -11,10 +11,11 @@ and caches are warm. No database row is written (Hermes defers that to the first
 turn) and no event goes out (the session id is unknown to `_sessions`).
 
 The rehearsal also records the endpoint probes its build made, for the session's
-build to start them at create time (worker/hermes_probe.py), leaves a stock of fresh TLS contexts, as many as its build asked
-for plus one for the first model request (worker/ssl_stock.py), and fills the
-per-process memo of the OpenAI client's platform headers (`platform.platform()`,
-`uname -p`, /etc/os-release) that a first request would otherwise fill.
+build to start them early (worker/hermes_probe.py); leaves a stock of fresh TLS
+contexts, as many as its build asked for plus one for the first model request
+(worker/ssl_stock.py); and fills the per-process memo of the OpenAI client's
+platform headers (`platform.platform()`, `uname -p`, /etc/os-release) that a first
+request would otherwise fill.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import time
 from worker import hermes_probe, ssl_stock
 from worker.hermes_preload import server
 
-# s a new spare waits before rehearsing: the session whose start forked it builds and runs its first turn meanwhile
+# seconds a new spare waits before rehearsing: meanwhile the session whose start forked it builds and runs its
+# first turn (worker/hermes_runtime.py)
 REHEARSAL_DELAY = 0.5
 REHEARSAL_SID = "gateway-rehearsal"
 REHEARSAL_KEY = "gateway-rehearsal"
