@@ -3,6 +3,7 @@ and Hermes' CA-bundle check is kept per bundle file, never for a failure."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import sqlite3
 
@@ -37,6 +38,12 @@ def test_a_spare_rehearses_and_the_session_still_builds_its_own_agent(gw):
     with sqlite3.connect(f"file:{gw.data_dir / 'hermes-home' / 'state.db'}?mode=ro", uri=True) as db:
         ids = [r[0] for r in db.execute("SELECT id FROM sessions")]
     assert key in ids and not [i for i in ids if "rehearsal" in i]  # the rehearsal wrote no row
+    # the agent build and the first model request took TLS contexts the spare made in its idle time
+    took = wait_for(lambda: re.findall(r"session's start took (\d+) TLS contexts from the spare's stock", gw.log()),
+                    10, what="the stock's use in the log")
+    assert int(took[0]) >= 2 and re.search(r"spare stocked [1-9]\d* TLS contexts", gw.log())
+    # and its build took the endpoint's context-length probes started at create time (the fake server is local)
+    assert int(re.findall(r"(\d+) endpoint probes answered early", gw.log())[0]) >= 1
 
 
 def test_the_ca_bundle_check_is_kept_per_file_and_never_for_a_failure(tmp_path):

@@ -9,6 +9,13 @@ session id and key, and drops it. Nothing of it is kept, so the session that com
 later still gets its own agent, built for its key, cwd and config; only the pages
 and caches are warm. No database row is written (Hermes defers that to the first
 turn) and no event goes out (the session id is unknown to `_sessions`).
+
+The rehearsal also records the endpoint probes its build made, for the session's
+build to start them early (worker/hermes_probe.py); leaves a stock of fresh TLS
+contexts, as many as its build asked for plus one for the first model request
+(worker/ssl_stock.py); and fills the per-process memo of the OpenAI client's
+platform headers (`platform.platform()`, `uname -p`, /etc/os-release) that a first
+request would otherwise fill.
 """
 
 from __future__ import annotations
@@ -17,8 +24,12 @@ import gc
 import sys
 import time
 
+from worker import hermes_probe, ssl_stock
 from worker.hermes_preload import server
 
+# seconds a new spare waits before rehearsing: meanwhile the session whose start forked it builds and runs its
+# first turn (worker/hermes_runtime.py)
+REHEARSAL_DELAY = 0.5
 REHEARSAL_SID = "gateway-rehearsal"
 REHEARSAL_KEY = "gateway-rehearsal"
 
@@ -26,12 +37,17 @@ REHEARSAL_KEY = "gateway-rehearsal"
 def rehearse() -> float:
     """Build and drop one agent; returns the seconds it took (0 when it failed: the session builds cold)."""
     t0 = time.perf_counter()
+    ssl_stock.install()
+    ssl_stock.forget()
+    hermes_probe.install()
+    hermes_probe.record(True)
     try:
         tokens = server._set_session_context(REHEARSAL_KEY)
         try:
             agent = server._make_agent(REHEARSAL_SID, REHEARSAL_KEY)
         finally:
             server._clear_session_context(tokens)
+            hermes_probe.record(False)
         close = getattr(agent, "close", None)
         if callable(close):
             try:
@@ -42,5 +58,24 @@ def rehearse() -> float:
         gc.collect()
     except Exception as exc:  # a warm-up only
         print(f"hermes-runtime: rehearsal failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        hermes_probe.record(False)
         return 0.0
+    _warm_request_path()
+    stocked = ssl_stock.stock_asked(extra=TURN_CONTEXTS)
+    print(f"hermes-runtime: spare stocked {stocked} TLS contexts", file=sys.stderr, flush=True)
     return time.perf_counter() - t0
+
+
+# contexts per key stocked beyond what the build asked for: Hermes makes a client (and a context) per model request
+TURN_CONTEXTS = 1
+
+
+def _warm_request_path() -> None:
+    """Per-process memos a first model request fills, filled here without any request."""
+    try:
+        import openai
+        from openai import _base_client
+
+        _base_client.platform_headers(openai.__version__, platform=None)
+    except Exception:
+        pass

@@ -33,12 +33,12 @@ from protocol.titles import set_title, worker_title
 from worker.budget import stop_budget
 from worker.calls import INLINE
 from worker.channel import Call, Channel
-from worker import hermes_git, hermes_tls_context
 from worker.hermes_preload import server, start_held_threads
 from worker.hermes_process import (
     GroupedSubprocess, LazySlashWorker, become_subreaper, kill_descendants, no_update_check,
 )
-from worker.hermes_rehearsal import rehearse
+from worker import hermes_git, hermes_probe, hermes_tls_context, ssl_stock
+from worker.hermes_rehearsal import REHEARSAL_DELAY, rehearse
 from worker.hermes_warmup import warm_create
 from worker.redact import Redactor
 
@@ -46,6 +46,8 @@ hermes_tls_context.install()  # in the fork server: every request's client share
 
 # A bound worker hosts exactly one session: methods that would open a second one here are refused.
 _ONE_SESSION_ONLY = frozenset({"session.branch"})
+# a session created with any of these may resolve another model or endpoint than the rehearsal's build did
+_OWN_RUNTIME = ("model_override", "profile_home", "resume_runtime_overrides", "resume_session_id")
 _STATES = {"working": "working", "waiting": "waiting"}  # Hermes' live status -> the broker's; else idle
 STATE_CHECK = 0.5  # s between reconciliations of the state with Hermes' flags
 
@@ -103,6 +105,8 @@ class HermesRuntime:
         self._closing = False
         self._next_check = 0.0  # when tick() next reconciles the state with Hermes' flags
         self._queue: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
+        self._dispatcher: int | None = None  # the dispatcher thread's ident
+        self._builds: list[str] = []  # agent builds Hermes asked for during the call in progress
         self.transport = _Transport(self)
         start_held_threads()
         no_update_check()
@@ -111,6 +115,8 @@ class HermesRuntime:
         server._SlashWorker = LazySlashWorker  # type: ignore[attr-defined]
         server._stdio_transport = self.transport  # frames with no session transport come to us, not stdout
         hermes_git.install(server)  # no git started for the branch of a cwd outside any repository
+        self._schedule_later = server._schedule_agent_build
+        server._schedule_agent_build = self._schedule_build  # type: ignore[attr-defined]
         if self.lobby:
             self._check_store()
         threading.Thread(target=self._dispatch_loop, name="hermes-dispatch", daemon=True).start()
@@ -134,18 +140,65 @@ class HermesRuntime:
         else:
             self._queue.put(call)
 
+    def _schedule_build(self, sid: str, delay: float = 0.05) -> None:
+        """Hermes builds a new session's agent on a timer 50 ms after session.create / resume, to let its
+        response reach the client first. Here the response goes out when dispatch() returns, so the build
+        starts right after it (`_start_builds`) instead of 50 ms later; a call from elsewhere keeps the timer."""
+        if threading.get_ident() == self._dispatcher:
+            self._builds.append(sid)
+        else:
+            self._schedule_later(sid, delay)
+
+    def _start_builds(self) -> None:
+        builds, self._builds = self._builds, []
+        self._await_sent()
+        for sid in builds:
+            session = server._sessions.get(sid)
+            if session is not None:
+                if not any(session.get(k) for k in _OWN_RUNTIME):  # its build probes what the rehearsal's did
+                    hermes_probe.start()
+                try:
+                    server._start_agent_build(sid, session)  # starts Hermes' build thread and returns
+                except Exception as exc:
+                    print(f"hermes-runtime: starting the agent build failed: {type(exc).__name__}: {exc}",
+                          file=sys.stderr, flush=True)
+
+    def _await_sent(self, limit: float = 0.05) -> None:
+        """Until the main thread has taken the response from the link's outbox (at most Hermes' 50 ms): a build
+        started earlier holds the GIL while the main thread waits for it to send the response (+5 ms measured)."""
+        outbox = getattr(getattr(self.ch, "link", None), "_outbox", None)
+        if outbox is None:
+            return
+        deadline = time.monotonic() + limit
+        while not outbox.empty() and time.monotonic() < deadline:
+            time.sleep(0.0005)
+
     def _dispatch_loop(self) -> None:
-        if self.config.get("kind", "spare") == "spare":  # before any call: a create waits for the rest of it
-            took = rehearse()
-            if took:
-                print(f"hermes-runtime: spare rehearsed an agent build in {took * 1000:.0f} ms", file=sys.stderr,
-                      flush=True)
-            # the client's session.create then runs warm (worker/hermes_warmup.py); not when it already waits (a
-            # cold spare): the warm-up would only delay it
-            took = warm_create() if self._queue.empty() else 0.0
-            if took:
-                print(f"hermes-runtime: spare ran a throwaway session.create in {took * 1000:.1f} ms", file=sys.stderr,
-                      flush=True)
+        self._dispatcher = threading.get_ident()
+        call: Call | None = None
+        if self.config.get("kind", "spare") == "spare":
+            # A spare is forked when the one before it was handed a session, so rehearsing at once would take
+            # a core from that session's agent build and first turn; it waits REHEARSAL_DELAY first. A call in
+            # that time is served at once, unrehearsed (faster than rehearsing first); one that comes during
+            # the rehearsal waits for the rest of it.
+            try:
+                call = self._queue.get(timeout=REHEARSAL_DELAY)
+            except queue.Empty:
+                took = rehearse()
+                if took:
+                    print(f"hermes-runtime: spare rehearsed an agent build in {took * 1000:.0f} ms",
+                          file=sys.stderr, flush=True)
+                # the client's session.create then runs warm (worker/hermes_warmup.py); not when one already
+                # waits: the warm-up would only delay it
+                took = warm_create() if self._queue.empty() else 0.0
+                self._builds.clear()  # the throwaway session's build: it was taken back, nothing to build
+                if took:
+                    print(f"hermes-runtime: spare ran a throwaway session.create in {took * 1000:.1f} ms",
+                          file=sys.stderr, flush=True)
+            else:
+                if call is None:
+                    return
+                self._dispatch(call)
         while True:
             call = self._queue.get()
             if call is None:
@@ -160,14 +213,18 @@ class HermesRuntime:
             self._calls[local_id] = (call, method)
         request = {"jsonrpc": "2.0", "id": local_id, "method": method, "params": params}
         try:
-            response = server.dispatch(request, self.transport)
-        except Exception as exc:
-            with self._lock:
-                self._calls.pop(local_id, None)
-            call.fail(INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}")
-            return
-        if response is not None:
-            self.on_response(response)
+            try:
+                response = server.dispatch(request, self.transport)
+            except Exception as exc:
+                with self._lock:
+                    self._calls.pop(local_id, None)
+                call.fail(INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}")
+                return
+            if response is not None:
+                self.on_response(response)
+        finally:
+            if self._builds and threading.get_ident() == self._dispatcher:
+                self._start_builds()
         if call.method in ("approval.respond", "clarify.respond", "sudo.respond", "secret.respond"):
             self._refresh_state()
 
@@ -247,6 +304,8 @@ class HermesRuntime:
             self.set_state("working")
         elif type_ == "message.complete":
             self.meta_dirty = True
+            if ssl_stock.stats["hit"] or ssl_stock.stocked():
+                self._release_stock()
             self._refresh_state()
         elif type_.endswith(".request") and type_ != "input.request":
             self.set_state("waiting")
@@ -259,6 +318,13 @@ class HermesRuntime:
             if payload.get("title"):
                 self.title = str(payload["title"])
             self.meta_dirty = True
+
+    def _release_stock(self) -> None:
+        """The first turn is done: drop the TLS contexts the session's start did not use (worker/ssl_stock.py)."""
+        used, left = ssl_stock.stats["hit"], ssl_stock.release()
+        ssl_stock.stats["hit"] = 0
+        print(f"hermes-runtime: the session's start took {used} TLS contexts from the spare's stock, {left} unused; "
+              f"{hermes_probe.stats['taken']} endpoint probes answered early", file=sys.stderr, flush=True)
 
     def set_state(self, state: str) -> None:
         if state != self.state:
