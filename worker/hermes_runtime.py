@@ -166,11 +166,8 @@ class HermesRuntime:
     def _await_sent(self, limit: float = 0.05) -> None:
         """Until the main thread has taken the response from the link's outbox (at most Hermes' 50 ms): a build
         started earlier holds the GIL while the main thread waits for it to send the response (+5 ms measured)."""
-        outbox = getattr(getattr(self.ch, "link", None), "_outbox", None)
-        if outbox is None:
-            return
         deadline = time.monotonic() + limit
-        while not outbox.empty() and time.monotonic() < deadline:
+        while not self.ch.link.drained() and time.monotonic() < deadline:
             time.sleep(0.0005)
 
     def _dispatch_loop(self) -> None:

@@ -52,6 +52,10 @@ class Link:
         self._outbox.put((seq, type_, text))
         self._wake()
 
+    def drained(self) -> bool:
+        """Thread-safe: the main loop has taken everything posted so far (sent, or held by a restart)."""
+        return self._outbox.empty()
+
     def _wake(self) -> None:
         if not self._poked.is_set():
             self._poked.set()
