@@ -7,12 +7,10 @@ import asyncio
 import http.client
 import json
 import logging
-import os
 import resource
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from pathlib import Path
 

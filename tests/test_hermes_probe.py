@@ -19,7 +19,7 @@ _CASE = textwrap.dedent("""
     import json, threading, time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from agent import model_metadata as mm
-    from worker import hermes_probe
+    from worker.hermes import probe
 
     seen = []
 
@@ -46,27 +46,27 @@ _CASE = textwrap.dedent("""
     if True:
         url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
         n = lambda: len(seen)
-        assert hermes_probe.install()
-        hermes_probe.record(True)                       # the rehearsal's build
+        assert probe.install()
+        probe.record(True)                       # the rehearsal's build
         first = mm._query_local_context_length("fake-model", url)
         asked = n()
         assert asked >= 1
-        hermes_probe.record(False)
+        probe.record(False)
         mm._query_local_context_length("fake-model", url)  # not recorded: outside the rehearsal
         base = n()
         asked = base - asked  # what one probe asks once the server's type is known (Hermes keeps that an hour)
-        assert hermes_probe.start() == 1                # the session is created: the same probe, once
-        assert hermes_probe.start() == 0                # nothing recorded any more
+        assert probe.start() == 1                # the session is created: the same probe, once
+        assert probe.start() == 0                # nothing recorded any more
         deadline = time.monotonic() + 10
         while n() < base + asked and time.monotonic() < deadline:
             time.sleep(0.01)
         assert n() == base + asked, (n(), base, asked)
         assert mm._query_local_context_length("fake-model", url) == first  # the build takes that answer ...
-        assert n() == base + asked and hermes_probe.stats["taken"] == 1      # ... and asks nothing
+        assert n() == base + asked and probe.stats["taken"] == 1      # ... and asks nothing
         mm._query_local_context_length("fake-model", url)                    # a second ask goes out again
         assert n() == base + 2 * asked
         mm._query_local_context_length("other-model", url)                   # other arguments: asked
-        assert n() > base + 2 * asked and hermes_probe.stats["taken"] == 1
+        assert n() > base + 2 * asked and probe.stats["taken"] == 1
     print("ok")
 """)
 

@@ -51,7 +51,7 @@ def test_the_ca_bundle_check_is_kept_per_file_and_never_for_a_failure(tmp_path):
     import certifi
     from agent import ssl_guard
 
-    from worker import hermes_tls
+    from worker.hermes import ca_check
 
     calls: list[str] = []
     original = getattr(ssl_guard._validate_bundle_path, "__wrapped__", ssl_guard._validate_bundle_path)
@@ -60,7 +60,7 @@ def test_the_ca_bundle_check_is_kept_per_file_and_never_for_a_failure(tmp_path):
         calls.append(value)
         return original(label, value, require_substantial=require_substantial)
 
-    check = hermes_tls._memoized(counted)
+    check = ca_check._memoized(counted)
     bundle = tmp_path / "ca.pem"
     shutil.copy(certifi.where(), bundle)
     check("certifi", str(bundle), require_substantial=True)

@@ -260,7 +260,7 @@ def test_home_config_keeps_what_is_not_the_gateways(tmp_dirs):
     can read is refused; an unchanged config is not rewritten (the TUI polls its mtime)."""
     import yaml
 
-    from worker.hermes_home import HermesHomeError, prepare
+    from worker.hermes.home import HermesHomeError, prepare
 
     key = tmp_dirs / "key"
     key.write_text("sk-secret\n")

@@ -20,7 +20,7 @@ pytest.importorskip("agent.ssl_verify")
 import httpx  # noqa: E402
 from agent import ssl_verify  # noqa: E402
 
-from worker import hermes_tls_context  # noqa: E402
+from worker.hermes import tls_context  # noqa: E402
 
 OPENSSL = shutil.which("openssl")
 
@@ -65,10 +65,10 @@ def installed(monkeypatch):
     """install() on Hermes' module, undone after the test (monkeypatch restores both names)."""
     monkeypatch.setattr(ssl_verify, "ssl", ssl_verify.ssl)
     monkeypatch.setattr(ssl_verify, "resolve_httpx_verify", ssl_verify.resolve_httpx_verify)
-    monkeypatch.setattr(hermes_tls_context, "_contexts", {})
+    monkeypatch.setattr(tls_context, "_contexts", {})
     for name in ("HERMES_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
         monkeypatch.delenv(name, raising=False)
-    assert hermes_tls_context.install()
+    assert tls_context.install()
     return monkeypatch
 
 

@@ -114,13 +114,13 @@ def test_a_spare_warms_session_create_and_the_session_is_the_clients_alone(spied
 
 WARM_SCRIPT = textwrap.dedent("""
     import json, time
-    from worker.hermes_preload import server
-    from worker import hermes_warmup
+    from worker.hermes.preload import server
+    from worker.hermes import warmup
     from tools import terminal_tool
     built = []
     make = server._make_agent
     server._make_agent = lambda *a, **k: built.append(a) or make(*a, **k)
-    took = hermes_warmup.warm_create()
+    took = warmup.warm_create()
     time.sleep(0.5)  # past the create's deferred agent build (50 ms) and session-cap sweep (100 ms)
     with open({out!r}, "w") as f:
         json.dump({{"took": took, "sessions": list(server._sessions), "built": len(built),

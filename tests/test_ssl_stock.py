@@ -16,7 +16,7 @@ certifi = pytest.importorskip("certifi")
 # each case runs in its own interpreter: install() patches the ssl module for the whole process
 _PRELUDE = textwrap.dedent("""
     import os, ssl, sys
-    from worker import ssl_stock
+    from worker.hermes import ssl_stock
     bundle = sys.argv[1]
     ssl_stock.install()
     ssl_stock.forget()

@@ -33,7 +33,7 @@ def _open_store(config: dict) -> tuple[Store | None, str | None]:
 
 def _runtime(kind: str, config: dict, channel: Channel, store: Store | None, store_error: str | None) -> Runtime:
     if config.get("runtime", "builtin") == "hermes":
-        from worker.hermes_runtime import HermesRuntime
+        from worker.hermes.runtime import HermesRuntime
 
         return HermesRuntime(channel, config)  # the lobby too: global methods go through Hermes' dispatch
     if kind == "lobby":

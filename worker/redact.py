@@ -1,7 +1,7 @@
 """Secrets the worker holds never go out to a client.
 
 Hermes reads its provider key from HERMES_HOME/config.yaml (model.api_key, where
-worker/hermes_home.py puts --openai-api-key-file: Hermes takes a key from the
+worker/hermes/home.py puts --openai-api-key-file: Hermes takes a key from the
 environment only for a few known hosts), and `config.get {key: "full"}` returns that
 file as it is. Every response and event of the hosted runtime passes through here:
 fields that name a credential are masked, and the key file's value is masked wherever
@@ -29,7 +29,7 @@ class Redactor:
     @classmethod
     def from_config(cls, config: dict) -> "Redactor":
         """The values this worker must never send: the API key file's content, when there is one."""
-        from worker.hermes_home import HermesHomeError, read_key_file
+        from worker.hermes.home import HermesHomeError, read_key_file
 
         path = str(config.get("openai_api_key_file") or "")
         try:

@@ -31,7 +31,8 @@ import sys
 import msgpack
 
 from protocol.titles import ZYGOTE, set_title
-from worker import guard, slash_fork
+from worker import guard
+from worker.hermes import slash_fork
 import worker.main  # noqa: F401  (preloaded so a fork does not pay for the import)
 
 MAX_MSG = 1024 * 1024

@@ -7,7 +7,7 @@ whatever it started goes with it. jupyter_client's kernel provisioner is the mod
 docs/scaling.md says what a second launcher (pods, remote hosts) would change.
 
 This is the only module of supervisor/ that names worker code (`worker.preload`,
-`worker.slash_fork`, `python -m worker.zygote`).
+`worker.hermes.slash_fork`, `python -m worker.zygote`).
 """
 
 from __future__ import annotations
@@ -185,9 +185,9 @@ class ZygoteLauncher:
             self.events.lost()
 
     def _sweep(self) -> None:
-        """A SIGKILLed zygote cannot unlink its slash-worker socket (worker/slash_fork.py): remove what the dead
+        """A SIGKILLed zygote cannot unlink its slash-worker socket (worker/hermes/slash_fork.py): remove what the dead
         left in the runtime dir."""
-        from worker import slash_fork
+        from worker.hermes import slash_fork
 
         folder = self.env.get(slash_fork.SOCKET_DIR_ENV)
         if folder:
@@ -243,8 +243,8 @@ def _wait_gone(pid: int, timeout: float = 2.0) -> int | None:
 
 
 def hermes_home_environment(worker_config: dict) -> dict[str, str]:
-    """The HERMES_HOME a worker of this configuration sees (worker/hermes_home.py prepares it): what the
+    """The HERMES_HOME a worker of this configuration sees (worker/hermes/home.py prepares it): what the
     dashboard child must see too, so its TUIs and the workers share one Hermes configuration."""
-    from worker.hermes_home import prepare
+    from worker.hermes.home import prepare
 
     return prepare(worker_config)

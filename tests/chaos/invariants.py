@@ -306,7 +306,7 @@ class Checker:
         """Every answered prompt and every completed reply a client saw is in sessions.db."""
         args = list(self.gw.args)
         if "--runtime" in args and args[args.index("--runtime") + 1:][:1] == ["hermes"]:
-            from worker.hermes_home import home_path
+            from worker.hermes.home import home_path
 
             # the hermes runtime keeps history in Hermes' own state.db (messages: session_id, role, content)
             db = Path(home_path(str(self.gw.data_dir))) / "state.db"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 import time
 
-from worker.hermes_preload import server
+from worker.hermes.preload import server
 
 
 class _Drop:

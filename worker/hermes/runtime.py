@@ -13,8 +13,8 @@ The session's runtime id and stored key are learnt from the `session.create` /
 `session.resume` response and sent to the broker as `bind`.
 
 Importing this module imports the heavy Hermes modules with their thread starts held
-back, runs Hermes' environment probe and fills its caches (worker/hermes_preload.py),
-so the fork server pays for them once; worker/hermes_process.py adapts Hermes'
+back, runs Hermes' environment probe and fills its caches (worker/hermes/preload.py),
+so the fork server pays for them once; worker/hermes/process.py adapts Hermes'
 process-level behaviour to a process that is one session.
 """
 
@@ -33,16 +33,16 @@ from protocol.titles import set_title, worker_title
 from worker.budget import stop_budget
 from worker.calls import INLINE
 from worker.channel import Call, Channel
-from worker.hermes_preload import server, start_held_threads
-from worker.hermes_process import (
+from worker.hermes.preload import server, start_held_threads
+from worker.hermes.process import (
     GroupedSubprocess, LazySlashWorker, become_subreaper, kill_descendants, no_update_check,
 )
-from worker import hermes_git, hermes_probe, hermes_tls_context, ssl_stock
-from worker.hermes_rehearsal import REHEARSAL_DELAY, rehearse
-from worker.hermes_warmup import warm_create
+from worker.hermes import git, probe, ssl_stock, tls_context
+from worker.hermes.rehearsal import REHEARSAL_DELAY, rehearse
+from worker.hermes.warmup import warm_create
 from worker.redact import Redactor
 
-hermes_tls_context.install()  # in the fork server: every request's client shares one loaded CA bundle
+tls_context.install()  # in the fork server: every request's client shares one loaded CA bundle
 
 # A bound worker hosts exactly one session: methods that would open a second one here are refused.
 _ONE_SESSION_ONLY = frozenset({"session.branch"})
@@ -114,7 +114,7 @@ class HermesRuntime:
         server.subprocess = GroupedSubprocess()  # type: ignore[attr-defined]
         server._SlashWorker = LazySlashWorker  # type: ignore[attr-defined]
         server._stdio_transport = self.transport  # frames with no session transport come to us, not stdout
-        hermes_git.install(server)  # no git started for the branch of a cwd outside any repository
+        git.install(server)  # no git started for the branch of a cwd outside any repository
         self._schedule_later = server._schedule_agent_build
         server._schedule_agent_build = self._schedule_build  # type: ignore[attr-defined]
         if self.lobby:
@@ -156,7 +156,7 @@ class HermesRuntime:
             session = server._sessions.get(sid)
             if session is not None:
                 if not any(session.get(k) for k in _OWN_RUNTIME):  # its build probes what the rehearsal's did
-                    hermes_probe.start()
+                    probe.start()
                 try:
                     server._start_agent_build(sid, session)  # starts Hermes' build thread and returns
                 except Exception as exc:
@@ -185,7 +185,7 @@ class HermesRuntime:
                 if took:
                     print(f"hermes-runtime: spare rehearsed an agent build in {took * 1000:.0f} ms",
                           file=sys.stderr, flush=True)
-                # the client's session.create then runs warm (worker/hermes_warmup.py); not when one already
+                # the client's session.create then runs warm (worker/hermes/warmup.py); not when one already
                 # waits: the warm-up would only delay it
                 took = warm_create() if self._queue.empty() else 0.0
                 self._builds.clear()  # the throwaway session's build: it was taken back, nothing to build
@@ -317,11 +317,11 @@ class HermesRuntime:
             self.meta_dirty = True
 
     def _release_stock(self) -> None:
-        """The first turn is done: drop the TLS contexts the session's start did not use (worker/ssl_stock.py)."""
+        """The first turn is done: drop the TLS contexts the session's start did not use (worker/hermes/ssl_stock.py)."""
         used, left = ssl_stock.stats["hit"], ssl_stock.release()
         ssl_stock.stats["hit"] = 0
         print(f"hermes-runtime: the session's start took {used} TLS contexts from the spare's stock, {left} unused; "
-              f"{hermes_probe.stats['taken']} endpoint probes answered early", file=sys.stderr, flush=True)
+              f"{probe.stats['taken']} endpoint probes answered early", file=sys.stderr, flush=True)
 
     def set_state(self, state: str) -> None:
         if state != self.state:

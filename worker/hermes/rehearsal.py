@@ -11,9 +11,9 @@ and caches are warm. No database row is written (Hermes defers that to the first
 turn) and no event goes out (the session id is unknown to `_sessions`).
 
 The rehearsal also records the endpoint probes its build made, for the session's
-build to start them early (worker/hermes_probe.py); leaves a stock of fresh TLS
+build to start them early (worker/hermes/probe.py); leaves a stock of fresh TLS
 contexts, as many as its build asked for plus one for the first model request
-(worker/ssl_stock.py); and fills the per-process memo of the OpenAI client's
+(worker/hermes/ssl_stock.py); and fills the per-process memo of the OpenAI client's
 platform headers (`platform.platform()`, `uname -p`, /etc/os-release) that a first
 request would otherwise fill.
 """
@@ -24,11 +24,11 @@ import gc
 import sys
 import time
 
-from worker import hermes_probe, ssl_stock
-from worker.hermes_preload import server
+from worker.hermes import probe, ssl_stock
+from worker.hermes.preload import server
 
 # seconds a new spare waits before rehearsing: meanwhile the session whose start forked it builds and runs its
-# first turn (worker/hermes_runtime.py)
+# first turn (worker/hermes/runtime.py)
 REHEARSAL_DELAY = 0.5
 REHEARSAL_SID = "gateway-rehearsal"
 REHEARSAL_KEY = "gateway-rehearsal"
@@ -39,15 +39,15 @@ def rehearse() -> float:
     t0 = time.perf_counter()
     ssl_stock.install()
     ssl_stock.forget()
-    hermes_probe.install()
-    hermes_probe.record(True)
+    probe.install()
+    probe.record(True)
     try:
         tokens = server._set_session_context(REHEARSAL_KEY)
         try:
             agent = server._make_agent(REHEARSAL_SID, REHEARSAL_KEY)
         finally:
             server._clear_session_context(tokens)
-            hermes_probe.record(False)
+            probe.record(False)
         close = getattr(agent, "close", None)
         if callable(close):
             try:
@@ -58,7 +58,7 @@ def rehearse() -> float:
         gc.collect()
     except Exception as exc:  # a warm-up only
         print(f"hermes-runtime: rehearsal failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        hermes_probe.record(False)
+        probe.record(False)
         return 0.0
     _warm_request_path()
     stocked = ssl_stock.stock_asked(extra=TURN_CONTEXTS)
@@ -67,7 +67,7 @@ def rehearse() -> float:
 
 
 # contexts per key stocked beyond what the build asked for: none, since a model request's client takes the context
-# shared per bundle (worker/hermes_tls_context.py); with 1, every session's start left it unused (0.7 MiB a spare)
+# shared per bundle (worker/hermes/tls_context.py); with 1, every session's start left it unused (0.7 MiB a spare)
 TURN_CONTEXTS = 0
 
 

@@ -36,7 +36,7 @@ _WARM = (
     "hermes_cli.projects_db", "hermes_cli.sqlite_util", "packaging.specifiers", "packaging.tags", "packaging.version",
     "psutil", "resource", "tools.computer_use.cua_backend", "tools.hook_output_spill", "tools.lazy_deps",
     "tools.schema_sanitizer", "tui_gateway._stdin_recovery", "xml.sax",
-    # what the slash worker imports (worker/slash_fork.py forks it from here): HermesCLI and its console
+    # what the slash worker imports (worker/hermes/slash_fork.py forks it from here): HermesCLI and its console
     "hermes_bootstrap", "cli", "rich.console", "tools.ansi_strip", "agent.skill_bundles",
 )
 
@@ -100,7 +100,7 @@ def _is_listener_thread(t: threading.Thread) -> bool:
 def _rehearse_slash() -> None:
     """Build one throwaway HermesCLI and run /help in it, as a slash worker does, so its lazily filled module
     state (config, skin, command tables) is in the heap the forked slash workers share: measured, it cuts a
-    forked slash worker's own pages by ~2 MiB (worker/slash_fork.py). Its database handle is closed: no
+    forked slash worker's own pages by ~2 MiB (worker/hermes/slash_fork.py). Its database handle is closed: no
     descriptor or SQLite state of the fork server's is used by a child."""
     import contextlib
     import io
@@ -145,9 +145,9 @@ try:
     _warm_caches()
     _rehearse_slash()
     _undo_logging_setup()
-    from worker import hermes_tls
+    from worker.hermes import ca_check
 
-    hermes_tls.install()
+    ca_check.install()
 finally:
     threading.Thread.start = _real_start  # type: ignore[method-assign]
 

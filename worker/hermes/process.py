@@ -11,8 +11,8 @@ import sys
 import threading
 from typing import Any
 
-from worker import slash_fork
-from worker.hermes_preload import server
+from worker.hermes import slash_fork
+from worker.hermes.preload import server
 
 PR_SET_CHILD_SUBREAPER = 36
 _EagerSlashWorker = server._SlashWorker  # Hermes' own: a subprocess started at construction
@@ -54,7 +54,7 @@ class GroupedSubprocess:
     @staticmethod
     def Popen(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 (the stdlib's name)
         argv = args[0] if args else kwargs.get("args")
-        if slash_fork.wants_fork(argv, kwargs):  # forked from the preloaded fork server (worker/slash_fork.py)
+        if slash_fork.wants_fork(argv, kwargs):  # forked from the preloaded fork server (worker/hermes/slash_fork.py)
             try:
                 return slash_fork.ForkedSlash(list(argv), env=kwargs.get("env"), cwd=kwargs.get("cwd"))
             except OSError as exc:
