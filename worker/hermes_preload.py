@@ -122,9 +122,10 @@ def _rehearse_slash() -> None:
 def _rehearse_agent() -> None:
     """Build and drop one throwaway agent here, before the fork, as a spare's rehearsal does: what a build creates
     lazily once per process (compiled patterns, provider and schema caches, class-level state) then lives in the
-    shared heap instead of in every worker's private pages (smaps, same run: a worker after its first turn 34.3 ->
-    31.6 MiB USS, a forked slash worker 12.1 -> 11.3). Its thread starts are held and dropped (the agent is
-    closed); no database row is written (Hermes writes it on the first turn)."""
+    shared heap instead of in every worker's private pages (old/new interleaved, 5 runs x 3 sessions: a worker
+    after its first turn 32.7 -> 31.3 MiB USS; a forked slash worker 12.1 -> 12.4, its pages fill more holes of
+    the larger heap). Its thread starts are held and dropped (the agent is closed); no database row is written
+    (Hermes writes it on the first turn) and the session store it opened is closed."""
     import contextlib
     import io
 
