@@ -91,6 +91,16 @@ def test_fork_server_preloads_hermes_without_threads_and_home_is_isolated(gw, fa
     assert oct((home / "config.yaml").stat().st_mode & 0o777) == "0o600"
 
 
+def test_fork_server_built_an_agent_and_kept_nothing_of_it_open(gw):
+    """The fork server builds and drops one agent before it forks (its lazily made state is then shared): no
+    thread, no database handle and no network socket of that build may stay in it for a child to inherit."""
+    zygote = next(p for p in gw.descendants() if "hermes-zygote" in " ".join(p.cmdline()))
+    assert zygote.num_threads() == 1
+    assert not [f.path for f in zygote.open_files() if "state.db" in f.path]
+    assert not zygote.net_connections(kind="inet")
+    assert "fork server built an agent in" in gw.log() and "rehearsing an agent build failed" not in gw.log()
+
+
 def test_lobby_serves_global_methods_through_hermes(gw):
     async def go():
         c = await Client.open(gw.url)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -113,3 +116,26 @@ def test_a_killed_fork_servers_socket_is_swept_and_the_new_one_serves(gw):
             await c.close()
 
     run(go(), 80)
+
+
+_LOGGING_CHILD = r"""
+import logging, os, threading
+from worker.hermes.slash_fork import setup_logging_inline
+setup_logging_inline()
+logging.getLogger("tools.slash").warning("written-before-exit")
+print(threading.active_count(), flush=True)
+os._exit(0)  # how a forked slash worker ends: no atexit, no listener stop
+"""
+
+
+def test_a_forked_slash_worker_logs_without_a_listener_thread(tmp_path):
+    """Its logging is Hermes' (agent.log, errors.log) but written on the logging thread: no QueueListener thread
+    (~0.1 MiB of a forked child's USS), and a record is in the file even though the child ends with os._exit."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HERMES_HOME": str(home), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = subprocess.run([sys.executable, "-c", _LOGGING_CHILD], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"  # the main thread only
+    assert "written-before-exit" in (home / "logs" / "errors.log").read_text()
+    assert "written-before-exit" in (home / "logs" / "agent.log").read_text()
