@@ -247,6 +247,9 @@ def test_a_restart_keeps_a_hermes_sessions_forked_slash_worker_and_the_new_fork_
             await c.close()
 
     kept, parents = run(after(), timeout=80)
+    # the new fork server (started while the successor's stderr was still the predecessor's relay pipe) writes
+    # to the service's log, as its workers do: the pipe closed with the predecessor
+    assert os.readlink(f"/proc/{parents[0]}/fd/2") == str(gw.log_path)
     assert kept == slash  # the same slash worker, served through the adopted fork server's socket
     assert parents and old_zygote not in parents and all(p != 0 for p in parents)
     assert len(list(gw.runtime_dir.glob("slash-*.sock"))) == 2  # the adopted fork server's and the new one's

@@ -59,7 +59,16 @@ class Takeover:
         """Bind the link, start our own zygote (the code now on disk), adopt the predecessor's workers and
         release them; its lobby and spares are replaced by ours."""
         broker.link.start()
-        broker._start_launcher(broker.cfg.worker_config())
+        # our stderr is still the predecessor's relay pipe, which closes when it exits: the zygote and every
+        # worker it forks would write into a dead pipe (a BrokenPipeError ended a hermes zygote mid-preload),
+        # so it starts with the service's stderr
+        relay = os.dup(2)
+        os.dup2(self.stderr_fd, 2)
+        try:
+            broker._start_launcher(broker.cfg.worker_config())
+        finally:
+            os.dup2(relay, 2)
+            os.close(relay)
         for fd, pid in self.zygotes:
             broker.adopt_launcher(fd, pid)
         adopted = state.load(broker, tables, time.monotonic())
