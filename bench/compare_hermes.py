@@ -728,19 +728,20 @@ def memory_note(doc: dict) -> str:
         + (f"the same slash worker ({_per_kind(b, 'slash_worker'):g} MiB) and " if _per_kind(b, "slash_worker")
            else "no slash worker (started at a session's first slash.exec; these sessions sent none), and ")
         + f"the session's worker ({_per_kind(b, 'session_worker'):g} MiB). "
-        "The worker is forked from the fork server, which has imported Hermes (~1,900 modules) and filled its "
-        "caches, so it shares that heap — until it writes to it: CPython 3.11 writes into every object it uses "
-        "(reference counts, and the bytecode it specializes), so each page of the preloaded heap that building "
-        "an agent and running a turn touch is copied into the worker. In /proc/PID/smaps of such a worker, ~27 MiB "
-        "are preloaded anonymous and heap mappings turned private, ~5 MiB are its own new objects; a spare "
-        "(link, threads, stacks) is ~4 MiB. `gc.freeze()` in the fork server keeps the collector off those pages "
-        "but not the reference counts. A touches the same objects once, in one process, for all its sessions. "
-        "Fixed for this run: the fork server now also imports the 69 modules a worker still imported at its first "
-        "agent build and turn, and fills Hermes' tool-definition and config caches (A fills them on its first "
-        "session): ~4 MiB and ~150 ms per session. Not done: forking the slash worker from the preloaded image "
-        "too, instead of starting a fresh interpreter (measured aside: 11 MiB USS instead of 38, first reply in "
-        "38 ms instead of 330) — it changes how Hermes' subprocess is started and configured (its environment, "
-        "logging set-up at import), which is Hermes' to keep.")
+        "The worker is forked from the fork server, which has imported Hermes (~1,900 modules), filled its "
+        "caches and built (and dropped) one agent, so it shares that heap — until it writes to it: CPython 3.11 "
+        "writes into every object it uses (reference counts, and the bytecode it specializes), so each page of the "
+        "preloaded heap that building an agent and running a turn touch is copied into the worker. In "
+        "/proc/PID/smaps of a worker after its first turn (~31 MiB), ~85 % are such copies (Python's object arenas "
+        "and the malloc heap, at addresses the fork server had), and the first turn alone copies ~11.7 MiB that no "
+        "rehearsal touches; thread stacks are 0.1 MiB. `gc.freeze()` keeps the collector off those pages but not "
+        "the reference counts; Python 3.12's immortal objects would, 3.11 has none. A touches the same objects once, "
+        "in one process, for all its sessions. The row after a slash command adds B's slash worker, forked from "
+        "the same image (~12 MiB USS, all copied pages, ~1.5 MiB of it Hermes' logging, instead of ~37 MiB for a "
+        "fresh interpreter), and the copies of the turns ten of the sessions ran since the first row (the "
+        "concurrency part); A's slash worker was already in its first row. Tried and not kept: "
+        "MALLOC_ARENA_MAX=1 (-0.7 MiB, first turn +18 ms), malloc trim and mmap thresholds (no change) "
+        "(docs/hermes.md).")
 
 
 def closing_note(doc: dict, lost: list[str]) -> str:
