@@ -69,6 +69,8 @@ def test_a_killed_forked_slash_worker_is_survived_and_replaced(gw):
             wait_for(lambda: all(map(gone, [p.pid for p in first])), 5, what="the killed slash worker to be reaped")
             resp = await c.request("slash.exec", {"session_id": sid, "command": "help"}, timeout=30)
             assert "result" in resp or resp["error"]["code"] == 5030  # Hermes' own answer for a dead slash worker
+            # that answer quotes the dead worker's stderr: nothing of the fork (runpy's re-run warning) in it
+            assert "RuntimeWarning" not in resp.get("error", {}).get("message", ""), resp
             done = await c.turn(sid, "still here", timeout=60)
             assert done["payload"]["status"] == "complete" and done["payload"]["text"] == REPLY
             assert pid in gw.session_workers()
@@ -139,3 +141,22 @@ def test_a_forked_slash_worker_logs_without_a_listener_thread(tmp_path):
     assert out.stdout.strip() == "1"  # the main thread only
     assert "written-before-exit" in (home / "logs" / "errors.log").read_text()
     assert "written-before-exit" in (home / "logs" / "agent.log").read_text()
+
+
+_RUN_CHILD = r"""
+import sys
+import tui_gateway.slash_worker  # as the fork server has it: imported before the child runs it as __main__
+from worker.hermes.slash_fork import _run_slash
+sys.exit(_run_slash([sys.executable, "-m", "tui_gateway.slash_worker", "--session-key", "k", "--model", "m"]))
+"""
+
+
+def test_a_forked_slash_worker_runs_hermes_module_without_runpy_warnings(tmp_path):
+    """Hermes shows a dead slash worker's stderr to the client (5030): runpy's warning that the preloaded module
+    is run again as __main__ must not be in it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HERMES_HOME": str(home), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = subprocess.run([sys.executable, "-c", _RUN_CHILD], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                         text=True, timeout=60)
+    assert "RuntimeWarning" not in out.stderr, out.stderr[-2000:]

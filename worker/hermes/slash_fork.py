@@ -230,6 +230,11 @@ def _run_slash(argv: list[str]) -> int:
         setup_logging_inline()
     except Exception:
         pass
+    import warnings
+
+    # the fork server imported the module (so the child shares it); runpy warns that it runs it again as
+    # __main__, and Hermes shows a dead slash worker's stderr to the client
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
     runpy.run_module(SLASH_MODULE, run_name="__main__", alter_sys=True)
     return 0
 
