@@ -1,4 +1,4 @@
-"""Orphan hygiene inside a forked process: own process group, parent-death signal, parent watch.
+"""Orphan hygiene inside a forked process: own process group, parent-death signal, parent check.
 
 A worker must never outlive the process that forked it. On Linux the kernel
 delivers SIGKILL when the parent dies (PR_SET_PDEATHSIG); everywhere the worker's

@@ -14,7 +14,7 @@ Forking a warm, gc-frozen parent costs a few ms; a fresh interpreter costs ~90 m
 The zygote exits when the broker goes (EOF on the socket, PDEATHSIG = SIGTERM, or a
 reparent), and on its way out SIGKILLs the process group of every worker it forked, so
 whatever a worker started (tools, subprocesses) dies too. The workers' own PDEATHSIG
-(SIGKILL) and parent watch are the backstop should the zygote itself be killed outright.
+(SIGKILL) and parent check (in its main loop) are the backstop should the zygote itself be killed outright.
 """
 
 from __future__ import annotations

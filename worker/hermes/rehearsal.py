@@ -12,8 +12,8 @@ turn) and no event goes out (the session id is unknown to `_sessions`).
 
 The rehearsal also records the endpoint probes its build made, for the session's
 build to start them early (worker/hermes/probe.py); leaves a stock of fresh TLS
-contexts, as many as its build asked for plus one for the first model request
-(worker/hermes/ssl_stock.py); and fills the per-process memo of the OpenAI client's
+contexts, as many as its build asked for (a model request's client shares one context per
+bundle instead, worker/hermes/tls_context.py; worker/hermes/ssl_stock.py); and fills the per-process memo of the OpenAI client's
 platform headers (`platform.platform()`, `uname -p`, /etc/os-release) that a first
 request would otherwise fill.
 """
@@ -61,14 +61,9 @@ def rehearse() -> float:
         probe.record(False)
         return 0.0
     _warm_request_path()
-    stocked = ssl_stock.stock_asked(extra=TURN_CONTEXTS)
+    stocked = ssl_stock.stock_asked()
     print(f"hermes-runtime: spare stocked {stocked} TLS contexts", file=sys.stderr, flush=True)
     return time.perf_counter() - t0
-
-
-# contexts per key stocked beyond what the build asked for: none, since a model request's client takes the context
-# shared per bundle (worker/hermes/tls_context.py); with 1, every session's start left it unused (0.7 MiB a spare)
-TURN_CONTEXTS = 0
 
 
 def _warm_request_path() -> None:

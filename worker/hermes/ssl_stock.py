@@ -3,8 +3,9 @@
 Every HTTP client Hermes makes builds a new `ssl.create_default_context(cafile=...)`
 (httpx's default, and Hermes' own `agent.ssl_verify`), which parses the whole CA
 bundle: ~30 ms of CPU and ~0.7 MiB each on this machine. An agent build makes three
-(the endpoint's context-length probes and the provider client) and every model
-request one more, so a session's start pays ~100 ms for them.
+(the endpoint's context-length probes and the provider client), so a session's start
+paid ~100 ms for them (a model request's client takes the context shared per bundle,
+worker/hermes/tls_context.py, which covers the provider client too).
 
 A spare makes the contexts its rehearsal asked for, once more, before it is handed
 a session; `ssl.create_default_context` then hands out one of those when asked for

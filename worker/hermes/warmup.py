@@ -31,13 +31,13 @@ class _Drop:
         pass
 
 
-def warm_create(params: dict | None = None) -> float:
+def warm_create() -> float:
     """Run one `session.create` and undo it; the seconds it took (0.0 when it failed: the real one runs cold)."""
     t0 = time.perf_counter()
     sid = None
     try:
         response = server.dispatch({"jsonrpc": "2.0", "id": "gateway-warmup", "method": "session.create",
-                                    "params": dict(params or {"cols": 80})}, _Drop())
+                                    "params": {"cols": 80}}, _Drop())
         result = (response or {}).get("result") or {}
         sid = result.get("session_id")
         if not isinstance(sid, str):
